@@ -1,0 +1,46 @@
+# defacegate — the two set-up commands: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.deps-stamp
+APT_PACKAGES := dcmtk dicom3tools orthanc
+
+.PHONY: demo test lint bench system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# nnunetv2 brings torch (from this machine's disk where available) and its stack.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,nnunet]'
+	touch $@
+
+# dcmtk (storescu/storescp), dicom3tools (dciodvfy), Orthanc (research PACS in e2e tests).
+system-deps:
+	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
+	    || ! { command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc; }; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	  else \
+	    echo "make test needs the Debian packages: $(APT_PACKAGES) (run as root to install them)"; exit 1; \
+	  fi; \
+	fi
+
+demo: $(STAMP)
+	rm -rf demo
+	$(BIN)/defacegate phantom demo/phantom --seed 1
+	$(BIN)/defacegate deface demo/phantom demo/defaced
+	@echo "defaced series written to $(CURDIR)/demo/defaced"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) system-deps lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .ruff_cache

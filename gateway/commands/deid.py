@@ -1,0 +1,20 @@
+"""`defacegate deid`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.config import Settings
+
+NAME = "deid"
+HELP = "deid (not yet implemented)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs="*")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    print("defacegate deid: not yet implemented", file=sys.stderr)
+    return 3

@@ -1,0 +1,130 @@
+"""The one settings object: YAML file + ``DEFACEGATE_*`` environment variables + defaults.
+
+Precedence (highest first): explicit init kwargs, environment variables
+(``DEFACEGATE_SECTION__FIELD``, e.g. ``DEFACEGATE_DEFACE__ENGINE=nnunet``), the YAML file
+(``--config FILE`` or ``DEFACEGATE_CONFIG``), then the defaults below. Built once in the
+entry point and passed down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VolumeSettings(_Section):
+    """How a received series is turned into a volume (inference.series)."""
+
+    min_slices: int = Field(20, ge=1, description="Fewer slices than this → rejected.")
+    allow_gaps: bool = Field(False, description="Accept gaps > 1.5 × median slice spacing.")
+
+
+class DefaceSettings(_Section):
+    """Facemask engine and pixel replacement."""
+
+    engine: Literal["anatomical", "nnunet"] = "anatomical"
+    fill: str = Field(
+        "air", description="'air' (−1000 HU), 'p10' (CTA-DEFACE: 10th percentile) or a number."
+    )
+    bone: Literal["keep", "smooth", "remove"] = Field(
+        "keep", description="Facial bone handling of the anatomical engine."
+    )
+    include_ears: bool = False
+    surface_band_mm: float = Field(
+        0.0, ge=0.0, le=3.0, description="Randomised band at the cut surface (0 = off)."
+    )
+    model_dir: Path | None = Field(None, description="Installed nnU-Net model folder.")
+    models_root: Path = Field(Path("~/.local/share/defacegate/models").expanduser())
+    roi: bool = Field(True, description="nnU-Net: predict only on the face ROI crop.")
+    tta: bool = Field(False, description="nnU-Net test-time mirroring (×8 CPU time).")
+
+    @field_validator("fill")
+    @classmethod
+    def _check_fill(cls, v: str) -> str:
+        if v in ("air", "p10"):
+            return v
+        try:
+            float(v)
+        except ValueError:
+            raise ValueError("fill must be 'air', 'p10' or a number of HU") from None
+        return v
+
+
+class DeidSettings(_Section):
+    """Header de-identification profile (PS3.15 Annex E) and pseudonym keys."""
+
+    key: SecretStr | None = Field(
+        None, description="HMAC key for UIDs, IDs and date shifts. Required by the gateway."
+    )
+    project_prefix: str = Field("DG", max_length=16)
+    retain_longitudinal_modified_dates: bool = False
+    retain_patient_characteristics: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    clean_descriptors: bool = True
+    retain_safe_private: list[str] = Field(default_factory=list)
+    retain_uids: bool = False
+    reid_lookup_path: Path | None = None
+
+
+class Settings(BaseSettings):
+    """All configuration of defacegate. See config/defacegate.example.yaml."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEFACEGATE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    volume: VolumeSettings = VolumeSettings()
+    deface: DefaceSettings = DefaceSettings()
+    deid: DeidSettings = DeidSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+
+# Passes the chosen file into settings_customise_sources for the duration of load_settings().
+_CONFIG_FILE: dict[str, Path | None] = {}
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings object once, from ``config_file`` (or ``$DEFACEGATE_CONFIG``)."""
+    path = config_file or os.environ.get("DEFACEGATE_CONFIG")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+    _CONFIG_FILE["path"] = path
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE.clear()
