@@ -80,6 +80,40 @@ class DeidSettings(_Section):
     reid_lookup_path: Path | None = None
 
 
+class DestinationTLS(_Section):
+    """DICOM TLS (PS3.15 B.1) towards one destination; files are PEM."""
+
+    ca_file: Path | None = Field(None, description="CA bundle to verify the destination's cert.")
+    cert_file: Path | None = Field(None, description="Client certificate, if the peer wants one.")
+    key_file: Path | None = Field(None, description="Private key of cert_file.")
+    check_hostname: bool = Field(False, description="Match the certificate against host.")
+
+
+class Destination(_Section):
+    """One C-STORE destination (research PACS) the defaced series is forwarded to."""
+
+    ae_title: str = Field(..., min_length=1, max_length=16)
+    host: str = Field(..., min_length=1)
+    port: int = Field(..., ge=1, le=65535)
+    tls: DestinationTLS | None = None
+
+
+class ForwardSettings(_Section):
+    """C-STORE SCU behaviour (gateway.forward)."""
+
+    calling_ae_title: str = Field("DEFACEGATE", min_length=1, max_length=16)
+    retries: int = Field(6, ge=0, description="Retries after the first attempt, then dead-letter.")
+    backoff_base_s: float = Field(5.0, gt=0, description="First retry delay; doubles each time.")
+    backoff_cap_s: float = Field(300.0, gt=0, description="Longest delay between retries.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout.")
+    acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout.")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="Wait for each C-STORE response.")
+    network_timeout_s: float = Field(60.0, gt=0, description="Idle association timeout.")
+    max_pdu: int = Field(
+        0, ge=0, description="Maximum PDU we receive (0 = unlimited; pynetdicom default 16 KiB)."
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of defacegate. See config/defacegate.example.yaml."""
 
@@ -94,6 +128,10 @@ class Settings(BaseSettings):
     volume: VolumeSettings = VolumeSettings()
     deface: DefaceSettings = DefaceSettings()
     deid: DeidSettings = DeidSettings()
+    destinations: list[Destination] = Field(
+        default_factory=list, description="Where de-identified series are forwarded."
+    )
+    forward: ForwardSettings = ForwardSettings()
 
     @classmethod
     def settings_customise_sources(
