@@ -114,6 +114,72 @@ class ForwardSettings(_Section):
     )
 
 
+class CallerSettings(_Section):
+    """One calling AE allowed to send to the gateway, optionally only from one source address."""
+
+    ae_title: str = Field(..., min_length=1, max_length=16)
+    host: str | None = Field(None, description="Source IP it must connect from (None = any).")
+
+
+class ScpTLS(_Section):
+    """DICOM TLS on the gateway's listening port (PS3.15 B.1); files are PEM."""
+
+    cert_file: Path = Field(..., description="Server certificate chain.")
+    key_file: Path = Field(..., description="Private key of cert_file.")
+    ca_file: Path | None = Field(None, description="CA bundle that signs client certificates.")
+    require_client_cert: bool = Field(False, description="Reject peers without a valid cert.")
+
+
+class GatewaySettings(_Section):
+    """C-STORE SCP, spool and series assembly (gateway.scp, gateway.spool, gateway.state)."""
+
+    ae_title: str = Field("DEFACEGATE", min_length=1, max_length=16)
+    host: str = Field("0.0.0.0", description="Listening address.")
+    port: int = Field(11112, ge=0, le=65535, description="Listening port (0 = ephemeral).")
+    allowed_callers: list[CallerSettings] | None = Field(
+        None, description="Calling AE allow-list; None accepts any calling AE (logged)."
+    )
+    check_called_ae: bool = Field(True, description="Reject associations to another AE title.")
+    tls: ScpTLS | None = None
+    max_associations: int = Field(10, ge=1)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(120.0, gt=0)
+    max_pdu: int = Field(
+        1_048_576, ge=0, description="Largest PDU we accept (0 = unlimited; pynetdicom: 16 KiB)."
+    )
+    spool_dir: Path = Field(Path("~/.local/share/defacegate/spool").expanduser())
+    state_db: Path | None = Field(None, description="SQLite file; default spool_dir/state.db.")
+    fsync: bool = Field(True, description="fsync every spooled instance before Success.")
+    quiet_period_s: float = Field(10.0, ge=0, description="No new instance this long → stable.")
+    max_pending_series: int = Field(
+        50, ge=1, description="Unfinished series beyond which new series get Out of Resources."
+    )
+    free_space_floor_mb: int = Field(1024, ge=0, description="Refuse stores below this free.")
+    retention_hours: float | None = Field(
+        24.0, ge=0, description="Keep finished series this long (None = forever, 0 = at once)."
+    )
+    lease_timeout_s: float = Field(
+        120.0, gt=0, description="A task silent this long is presumed dead and re-dispatched."
+    )
+    poll_interval_s: float = Field(0.5, gt=0, description="Scheduler tick.")
+
+    @property
+    def state_path(self) -> Path:
+        """Where the SQLite state lives."""
+        return self.state_db or self.spool_dir / "state.db"
+
+
+class CelerySettings(_Section):
+    """Distributed mode (a broker URL) or embedded mode (None: tasks run inside `serve`)."""
+
+    broker_url: str | None = Field(None, description="e.g. redis://host:6379/0; None = embedded.")
+    result_backend: str | None = Field(None, description="Task results are not needed.")
+    visibility_timeout_s: int = Field(
+        6 * 3600, ge=60, description="Redis redelivers unacked tasks after this; ≫ inference."
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of defacegate. See config/defacegate.example.yaml."""
 
@@ -132,6 +198,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Where de-identified series are forwarded."
     )
     forward: ForwardSettings = ForwardSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    celery: CelerySettings = CelerySettings()
 
     @classmethod
     def settings_customise_sources(
