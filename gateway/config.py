@@ -180,6 +180,33 @@ class CelerySettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    """Privacy audit and QA gate after defacing (inference.audit): render, detect, decide."""
+
+    enabled: bool = Field(True, description="Audit every defaced series before forwarding.")
+    detect_threshold: float = Field(
+        0.0, description="dlib HOG score above which a defaced render counts as a face."
+    )
+    reid_distance: float = Field(
+        0.6, gt=0, description="Embedding distance below which defaced = same person (dlib)."
+    )
+    escalation: tuple[Literal["keep", "smooth", "remove"], ...] = Field(
+        ("keep", "smooth", "remove"),
+        min_length=1,
+        description="Engine `bone` settings tried in turn while a face is still detected.",
+    )
+    render_size: int = Field(512, ge=128, le=2048, description="Render width = height, px.")
+    yaws: tuple[float, ...] = Field(
+        (-30.0, 0.0, 30.0), min_length=1, description="View angles about superior, degrees."
+    )
+    iso_hu: float = Field(-400.0, ge=-700.0, le=-200.0, description="Skin iso-surface, HU.")
+    upsample: int = Field(1, ge=0, le=2, description="dlib detector pyramid upsampling.")
+    min_mask_ml: float = Field(20.0, ge=0.0, description="Smaller facemask → implausible.")
+    max_brain_overlap_ml: float = Field(
+        1.0, ge=0.0, description="Mask volume inside the intracranial space → implausible."
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of defacegate. See config/defacegate.example.yaml."""
 
@@ -200,6 +227,7 @@ class Settings(BaseSettings):
     forward: ForwardSettings = ForwardSettings()
     gateway: GatewaySettings = GatewaySettings()
     celery: CelerySettings = CelerySettings()
+    audit: AuditSettings = AuditSettings()
 
     @classmethod
     def settings_customise_sources(
