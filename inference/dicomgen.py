@@ -15,6 +15,7 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
 )
@@ -110,6 +111,129 @@ def make_ct_series(
         ds.PixelData = stored[k].tobytes()
         ds["PixelData"].VR = "OW"
         if transfer_syntax != ExplicitVRLittleEndian:
-            ds.compress(transfer_syntax)
+            ds.compress(transfer_syntax, generate_instance_uid=False)
         out.append(ds)
     return out
+
+
+def make_enhanced_ct(
+    hu: np.ndarray,
+    geometry: Geometry,
+    *,
+    header: Dataset | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    rescale: Sequence[tuple[float, float]] | None = None,
+    bits_stored: int = 12,
+    pixel_representation: int = 0,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    frame_order: Sequence[int] | None = None,
+) -> Dataset:
+    """One multi-frame Enhanced CT Image Storage dataset (PS3.3 A.38) holding ``hu``.
+
+    Plane position is per frame; orientation and pixel measures are shared. ``rescale``
+    gives a (slope, intercept) per slice and puts PixelValueTransformation per frame (else
+    it is shared, slope 1 intercept −1024). ``frame_order[j]`` is the slice stored as frame
+    j (to test that readers sort frames by position, not by frame number).
+    """
+    if hu.ndim != 3 or tuple(hu.shape) != geometry.shape:
+        raise ValueError(f"volume shape {hu.shape} does not match geometry {geometry.shape}")
+    n = hu.shape[0]
+    order = [int(k) for k in frame_order] if frame_order is not None else list(range(n))
+    ds = copy.deepcopy(header) if header is not None else Dataset()
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.InstanceNumber = 1
+    ds.ContentQualification = "PRODUCT"
+    ds.BurnedInAnnotation = "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[2])
+    ds.NumberOfFrames = n
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = pixel_representation
+
+    d = geometry.direction
+    sp = geometry.spacing
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [round(float(sp[1]), 6), round(float(sp[2]), 6)]
+    measures.SliceThickness = round(geometry.slice_spacing, 6)
+    shared.PixelMeasuresSequence = [measures]
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [round(float(v), 6) for v in (*d[:, 2], *d[:, 1])]
+    shared.PlaneOrientationSequence = [orientation]
+    frame_type = Dataset()
+    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    shared.CTImageFrameTypeSequence = [frame_type]
+
+    def _pvt(slope: float, intercept: float) -> Dataset:
+        item = Dataset()
+        item.RescaleSlope = slope
+        item.RescaleIntercept = intercept
+        item.RescaleType = "HU"
+        return item
+
+    if rescale is None:
+        shared.PixelValueTransformationSequence = [_pvt(1.0, -1024.0)]
+        per_slice = [(1.0, -1024.0)] * n
+    else:
+        per_slice = [(float(a), float(b)) for a, b in rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+
+    frames = []
+    per_frame = []
+    for k in order:
+        item = Dataset()
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = k + 1
+        content.DimensionIndexValues = [1, k + 1]
+        item.FrameContentSequence = [content]
+        position = Dataset()
+        if geometry.slice_origins is not None:
+            ipp = geometry.slice_origins[k]
+        else:
+            ipp = geometry.index_to_patient([k, 0, 0])
+        position.ImagePositionPatient = [round(float(v), 4) for v in ipp]
+        item.PlanePositionSequence = [position]
+        slope, intercept = per_slice[k]
+        if rescale is not None:
+            item.PixelValueTransformationSequence = [_pvt(slope, intercept)]
+        per_frame.append(item)
+        frames.append(hu_to_stored(hu[k], slope, intercept, bits_stored, pixel_representation))
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    dim_uid = generate_uid()
+    dims = []
+    for pointer, group in (
+        (0x00209056, 0x00209111),  # StackID in FrameContentSequence
+        (0x00209057, 0x00209111),  # InStackPositionNumber
+    ):
+        dim = Dataset()
+        dim.DimensionOrganizationUID = dim_uid
+        dim.DimensionIndexPointer = pointer
+        dim.FunctionalGroupPointer = group
+        dims.append(dim)
+    org = Dataset()
+    org.DimensionOrganizationUID = dim_uid
+    ds.DimensionOrganizationSequence = [org]
+    ds.DimensionIndexSequence = dims
+    ds.PixelData = np.stack(frames).tobytes()
+    ds["PixelData"].VR = "OW"
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax, generate_instance_uid=False)
+    return ds
