@@ -1,0 +1,357 @@
+"""nnU-Net v2 facemask engine (e.g. the CTA-DEFACE weights), with ROI-cropped inference.
+
+Load once, predict many: the model folder is opened by nnU-Net's own ``nnUNetPredictor``
+(``initialize_from_trained_model_folder``) when the engine is built; every ``mask()`` call
+then runs the in-process ``predict_single_npy_array`` path. nnU-Net's multiprocessing paths
+(``predict_from_files`` etc.) spawn pools and cannot run inside a Celery prefork child.
+
+Orientation. nnU-Net never reorients: the array must be fed in the axis order and direction
+the model was trained on. nnU-Net's ``SimpleITKIO`` (and ``NibabelIO``) give arrays indexed
+(k, j, i) of the NIfTI voxel grid, with the spacing reversed to match. CTA-DEFACE was
+trained on NIfTI converted from DICOM (dcm2niix, which stores axial CT as "LAS": i towards
+patient left, j towards anterior, k towards superior), so its arrays run
+Superior, Anterior, Left — ``axes="SAL"``, the default. ``axes`` is any permutation of one
+letter from each of L/R, A/P, S/I naming where each array axis points, or ``"native"`` to
+feed the DICOM (slice, row, column) array as it is. The volume is permuted/flipped to the
+nearest matching axes (no resampling; rotated heads stay rotated, as they were in training).
+
+ROI. On a CPU a sliding window over a whole 512×512×300 CTA is dominated by the number of
+patches, so the network runs only on the face region from the anatomical engine's landmarks
+(``face_region``) plus a margin, grown to at least one patch, and the prediction is pasted
+back into an all-background volume. ``roi=False`` predicts the full volume.
+
+Post-processing: the largest connected component of the face label, then a small dilation
+that may only grow into air, so the mask never eats more tissue than the network said.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from scipy import ndimage
+
+from inference.errors import FacemaskError, ModelError
+from inference.geometry import Geometry
+from inference.models import CHECKPOINT_NAME, ModelInfo, resolve_training_dir, validate_training_dir
+
+log = logging.getLogger(__name__)
+
+Region = tuple[slice, slice, slice]
+RoiFunction = Callable[[np.ndarray, Geometry], Region]
+
+#: Unit vector in LPS of the direction each orientation letter points to.
+_LETTER_VECTORS = {
+    "L": np.array([1.0, 0.0, 0.0]),
+    "R": np.array([-1.0, 0.0, 0.0]),
+    "P": np.array([0.0, 1.0, 0.0]),
+    "A": np.array([0.0, -1.0, 0.0]),
+    "S": np.array([0.0, 0.0, 1.0]),
+    "I": np.array([0.0, 0.0, -1.0]),
+}
+
+
+@dataclass(frozen=True)
+class NnUNetOptions:
+    """How the engine runs the model; defaults suit a CPU worker and CTA-DEFACE."""
+
+    roi: bool = True
+    roi_margin_mm: float = 15.0
+    axes: str = "SAL"
+    #: Test-time mirroring (up to 8 network passes per patch). None: on with a GPU, off on CPU.
+    tta: bool | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: CPU threads for torch; None = the cores this process may use. nnU-Net caps its own
+    #: prediction at ``nnUNet_def_n_proc`` (default 8).
+    threads: int | None = None
+    tile_step_size: float = 0.5
+    dilate_mm: float = 2.0
+    #: Dilation grows the mask only into voxels at or below this HU (air).
+    air_hu: float = -500.0
+    fold: str = "all"
+    checkpoint_name: str = CHECKPOINT_NAME
+    face_label: str | None = None
+
+    def __post_init__(self) -> None:
+        _axes_vectors(self.axes)  # validate early
+        if not 0.0 < self.tile_step_size <= 1.0:
+            raise ValueError("tile_step_size must be in (0, 1]")
+        if self.dilate_mm < 0 or self.roi_margin_mm < 0:
+            raise ValueError("dilate_mm and roi_margin_mm must be >= 0")
+
+
+def _axes_vectors(axes: str) -> list[np.ndarray] | None:
+    if axes == "native":
+        return None
+    code = axes.upper()
+    pairs = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+    if len(code) != 3 or any(sum(c in p for c in code) != 1 for p in pairs):
+        raise ValueError(
+            f"axes must be 'native' or one letter of each of L/R, A/P, S/I (e.g. 'SAL'), "
+            f"got {axes!r}"
+        )
+    return [_LETTER_VECTORS[c] for c in code]
+
+
+@dataclass(frozen=True)
+class _Reorientation:
+    """Our (k, r, c) array → the model's array: transpose by ``perm`` then flip ``flips``."""
+
+    perm: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        out = a.transpose(self.perm)
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis)
+        return out
+
+    def backward(self, a: np.ndarray) -> np.ndarray:
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                a = np.flip(a, axis)
+        return a.transpose(np.argsort(self.perm))
+
+
+def reorientation(geometry: Geometry, axes: str) -> _Reorientation:
+    """Permutation and flips bringing (k, r, c) closest to the model's ``axes`` directions."""
+    targets = _axes_vectors(axes)
+    if targets is None:
+        return _Reorientation((0, 1, 2), (False, False, False))
+    cos = np.array([[geometry.direction[:, s] @ t for s in range(3)] for t in targets])
+    best = max(
+        itertools.permutations(range(3)),
+        key=lambda p: sum(abs(cos[t, p[t]]) for t in range(3)),
+    )
+    perm = (int(best[0]), int(best[1]), int(best[2]))
+    flips = (bool(cos[0, perm[0]] < 0), bool(cos[1, perm[1]] < 0), bool(cos[2, perm[2]] < 0))
+    return _Reorientation(perm, flips)
+
+
+def physical_spacing(geometry: Geometry) -> np.ndarray:
+    """Spacing of (k, r, c) in mm, with the slice spacing measured along the normal."""
+    spacing = geometry.spacing.copy()
+    spacing[0] = geometry.slice_spacing
+    return spacing
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class NnUNetEngine:
+    """Facemask from a trained nnU-Net v2 model; build once per process."""
+
+    name = "nnunet"
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        options: NnUNetOptions | None = None,
+        *,
+        roi_fn: RoiFunction | None = None,
+    ) -> None:
+        """Validate and load the model folder (training, dataset or results folder).
+
+        ``roi_fn`` localises the face for ROI mode; by default the anatomical engine's
+        ``face_region`` with ``options.roi_margin_mm``.
+        """
+        self.options = options or NnUNetOptions()
+        opts = self.options
+        training_dir = resolve_training_dir(Path(model_dir))
+        self.info: ModelInfo = validate_training_dir(
+            training_dir,
+            fold=opts.fold,
+            checkpoint_name=opts.checkpoint_name,
+            face_label=opts.face_label,
+            load_checkpoint=False,  # the predictor below loads it; its failure is reported
+        )
+        self._roi_fn = roi_fn
+
+        # nnU-Net prints (env warnings at import, device notes): keep it out of stdout.
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            import torch
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+            use_cuda = opts.device == "cuda" or (
+                opts.device == "auto" and torch.cuda.is_available()
+            )
+            if opts.device == "cuda" and not torch.cuda.is_available():
+                raise ModelError("device 'cuda' requested but torch sees no GPU")
+            device = torch.device("cuda" if use_cuda else "cpu")
+            if not use_cuda:
+                torch.set_num_threads(opts.threads or _usable_cpus())
+            tta = opts.tta if opts.tta is not None else use_cuda
+            predictor = nnUNetPredictor(
+                tile_step_size=opts.tile_step_size,
+                use_gaussian=True,
+                use_mirroring=tta,
+                perform_everything_on_device=use_cuda,
+                device=device,
+                verbose=False,
+                verbose_preprocessing=False,
+                allow_tqdm=False,
+            )
+            try:
+                predictor.initialize_from_trained_model_folder(
+                    str(self.info.training_dir),
+                    use_folds=(opts.fold,),
+                    checkpoint_name=opts.checkpoint_name,
+                )
+            except Exception as exc:  # nnU-Net raises bare KeyError/RuntimeError/pickle errors
+                raise ModelError(
+                    f"nnU-Net could not load model {self.info.name}: {type(exc).__name__}: {exc}"
+                ) from None
+        for line in sink.getvalue().splitlines():
+            if line.strip():
+                log.debug("nnunetv2: %s", line)
+        self._predictor = predictor
+        self.device = device.type
+        self.tta = tta
+        log.info(
+            "nnU-Net model %s loaded (%s, device=%s, tta=%s, axes=%s)",
+            self.info.name,
+            self.info.configuration,
+            self.device,
+            tta,
+            opts.axes,
+        )
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """Facemask (bool, ``hu.shape``): network prediction + post-processing.
+
+        Raises FacemaskError when the network finds no face (fail closed).
+        """
+        region = self.region(hu, geometry) if self.options.roi else None
+        face = self.predict(hu, geometry, region)
+        return postprocess(
+            face,
+            hu,
+            physical_spacing(geometry),
+            dilate_mm=self.options.dilate_mm,
+            air_hu=self.options.air_hu,
+        )
+
+    def region(self, hu: np.ndarray, geometry: Geometry) -> Region:
+        """The crop the network runs on: the face region grown to at least one patch."""
+        if self._roi_fn is not None:
+            roi = self._roi_fn(hu, geometry)
+        else:
+            from inference.engines.anatomical import face_region
+
+            roi = face_region(hu, geometry, margin_mm=self.options.roi_margin_mm)
+        return self._grow_to_patch(roi, geometry)
+
+    def predict(
+        self, hu: np.ndarray, geometry: Geometry, region: Region | None = None
+    ) -> np.ndarray:
+        """Raw face label of the network (bool, ``hu.shape``), on ``region`` or everything.
+
+        Outside ``region`` the result is False.
+        """
+        if hu.ndim != 3 or hu.shape != geometry.shape:
+            raise ValueError(f"volume shape {hu.shape} does not match geometry {geometry.shape}")
+        crop = hu if region is None else hu[region]
+        if min(crop.shape) < 1:
+            raise FacemaskError("face region is empty")
+        reo = reorientation(geometry, self.options.axes)
+        image = np.ascontiguousarray(reo.forward(crop), dtype=np.float32)[None]
+        # Spacing in the model array's axis order (SimpleITK convention: reversed NIfTI).
+        spacing = [float(physical_spacing(geometry)[a]) for a in reo.perm]
+        # A fresh dict per call: nnU-Net writes its bookkeeping into it.
+        properties: dict[str, Any] = {"spacing": spacing}
+        with contextlib.redirect_stdout(io.StringIO()):
+            seg = self._predictor.predict_single_npy_array(image, properties, None, None, False)
+        face_crop = reo.backward(np.asarray(seg) == self.info.face_label)
+        if region is None:
+            return np.ascontiguousarray(face_crop)
+        out = np.zeros(hu.shape, dtype=bool)
+        out[region] = face_crop
+        return out
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _grow_to_patch(self, roi: Region, geometry: Geometry) -> Region:
+        """Grow the crop (centred, inside the volume) to span at least one network patch."""
+        reo = reorientation(geometry, self.options.axes)
+        spacing = physical_spacing(geometry)
+        # The model's patch in mm, per model axis; map it to our axes.
+        patch_mm = np.array(self.info.patch_size, float) * np.array(self.info.spacing, float)
+        # nnU-Net applies transpose_forward to the array it gets: undo it for the lookup.
+        patch_mm_model = np.empty(3)
+        patch_mm_model[list(self.info.transpose_forward)] = patch_mm
+        need = np.empty(3)
+        for model_axis, our_axis in enumerate(reo.perm):
+            need[our_axis] = np.ceil(patch_mm_model[model_axis] / spacing[our_axis])
+        out = []
+        for axis, sl in enumerate(roi):
+            size = geometry.shape[axis]
+            start, stop, _ = sl.indices(size)
+            if stop <= start:
+                raise FacemaskError("face region is empty")
+            want = int(min(size, max(stop - start, need[axis])))
+            extra = want - (stop - start)
+            start = max(0, start - extra // 2)
+            stop = min(size, start + want)
+            start = max(0, stop - want)
+            out.append(slice(start, stop))
+        return out[0], out[1], out[2]
+
+
+def _ellipsoid(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    radii = np.maximum(np.floor(radius_mm / spacing), 0).astype(int)
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
+    dist = sum((g * s / max(radius_mm, 1e-6)) ** 2 for g, s in zip(grids, spacing, strict=True))
+    return np.asarray(dist <= 1.0)
+
+
+def postprocess(
+    face: np.ndarray,
+    hu: np.ndarray,
+    spacing: np.ndarray,
+    *,
+    dilate_mm: float = 2.0,
+    air_hu: float = -500.0,
+) -> np.ndarray:
+    """Largest connected component, then dilation by ``dilate_mm`` into air only.
+
+    Works on the bounding box of the prediction so a small face in a big volume stays cheap.
+    """
+    if face.shape != hu.shape:
+        raise ValueError(f"mask shape {face.shape} != volume shape {hu.shape}")
+    if not face.any():
+        raise FacemaskError("the nnU-Net model found no face voxels")
+    struct = _ellipsoid(dilate_mm, np.asarray(spacing, float)) if dilate_mm > 0 else None
+    pad = np.array(struct.shape) // 2 if struct is not None else np.zeros(3, int)
+    idx = np.nonzero(face)
+    lo = np.maximum([int(i.min()) for i in idx] - pad, 0)
+    hi = np.minimum([int(i.max()) + 1 for i in idx] + pad, face.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    labels, n = ndimage.label(face[box])
+    if n > 1:
+        counts = np.bincount(labels.ravel())
+        counts[0] = 0
+        keep = labels == int(np.argmax(counts))
+    else:
+        keep = labels > 0
+    if struct is not None and struct.size > 1:
+        grown = ndimage.binary_dilation(keep, structure=struct)
+        keep |= grown & (hu[box] <= air_hu)
+    out = np.zeros(face.shape, dtype=bool)
+    out[box] = keep
+    return out
