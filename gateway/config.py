@@ -50,6 +50,12 @@ class DefaceSettings(_Section):
     models_root: Path = Field(Path("~/.local/share/defacegate/models").expanduser())
     roi: bool = Field(True, description="nnU-Net: predict only on the face ROI crop.")
     tta: bool = Field(False, description="nnU-Net test-time mirroring (×8 CPU time).")
+    model_axes: str = Field(
+        "SAL",
+        pattern=r"^(native|[LRAPSI]{3})$",
+        description="nnU-Net: where the model's array axes point ('SAL' = dcm2niix NIfTI "
+        "read by nnU-Net's SimpleITKIO, as CTA-DEFACE) or 'native' (DICOM slice/row/col).",
+    )
 
     @field_validator("fill")
     @classmethod
