@@ -1,0 +1,688 @@
+"""PS3.15 Annex E Basic Application Level Confidentiality Profile, with options, over pydicom.
+
+:func:`deidentify` is pure: it reads the input dataset and returns a new one (file meta too);
+the input is never modified. Every decision comes from Table E.1-1 (:mod:`anonymizer.table`)
+plus the few documented rules below for what the table does not list:
+
+- Combined actions (E.1.1: "X unless Z/D is required to keep the IOD valid"): the gateway does
+  not know the Type of an attribute in every IOD it may receive, so it takes the choice that is
+  valid whatever the Type — anything with D → D (a dummy value), X/Z → Z (empty), X/Z/U* → U
+  (the sequence stays, its UIDs are replaced). For sequences, a Z in the code → empty sequence,
+  and D → its items are rebuilt under the strict rules (a "dummy" sequence without PHI).
+- Attributes the table does not list ("unlisted"), deny by default where they could carry PHI:
+  numeric, coded (CS) and binary values are kept; UIDs are kept when they are well-known
+  (a registered SOP Class, Transfer Syntax...) and replaced otherwise; dates are removed (or
+  shifted with the modified-dates option), times removed (or kept with it); names (PN) and ages
+  are removed; other free text is kept only for a short allow-list of technical attributes
+  (:data:`SAFE_TEXT`) and never inside a sequence being rebuilt as a dummy; sequences are kept
+  and their items processed recursively at any depth.
+- Private attributes are removed unless allow-listed (Retain Safe Private option); the whole
+  60xx overlay group goes with its Overlay Data (a plane without data would be invalid).
+- C (clean): text → only words of a fixed clinical/technical vocabulary are kept
+  (:data:`CLEAN_VOCABULARY`), dates → shifted by the per-patient offset, times → kept,
+  sequences → rebuilt strictly; where nothing can be cleaned the basic action applies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
+
+from anonymizer import pseudonym
+from anonymizer.profile import Profile
+from anonymizer.table import STANDARD_EDITION, Action, Option, Rule, Table, load_table
+from inference.errors import DefacegateError
+
+
+class DeidentificationError(DefacegateError):
+    """This instance must not be forwarded (e.g. burned-in annotation): quarantine the series."""
+
+
+class Effect(Enum):
+    """What happened to one attribute (for the dry run and tests)."""
+
+    REMOVED = "removed"
+    EMPTIED = "emptied"
+    DUMMY = "dummy value"
+    KEPT = "kept"
+    CLEANED = "cleaned"
+    UID = "UID replaced"
+    PSEUDONYM = "pseudonym"
+    SHIFTED = "date shifted"
+    ITEMS = "items processed"
+    ADDED = "added"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One attribute's fate. ``path`` locates nested attributes, e.g. ``(0040,0275)[0]>``."""
+
+    path: str
+    tag: int
+    name: str
+    rule: str  # the table code (e.g. "X/Z/D") or the unlisted-attribute rule that decided
+    effect: Effect
+    result: str  # masked: never the original value
+
+
+# Attributes the gateway itself writes (PS3.15 E.1.1 6, PS3.3 C.7.1.1, C.7.6.1).
+_ADDED_BY_US = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00280302})
+_PATIENT_NAME, _PATIENT_ID = 0x00100010, 0x00100020
+_ACCESSION, _STUDY_ID = 0x00080050, 0x00200010
+_SOP_INSTANCE_UID = 0x00080018
+
+_NUMERIC_VRS = frozenset(
+    {"CS", "DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT"}
+    | {"OB", "OW", "OF", "OD", "OL", "OV", "US or SS", "OB or OW", "US or OW", "US or SS or OW"}
+)
+_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "UR", "AE"})
+_DATE_VRS = frozenset({"DA", "DT", "TM"})
+
+#: Unlisted free-text attributes kept outside rebuilt ("dummy") sequences: technical or coded
+#: content that the CT IODs need and that does not describe the patient.
+SAFE_TEXT = frozenset(
+    {
+        "Manufacturer",
+        "ManufacturerModelName",
+        "SoftwareVersions",
+        "ConvolutionKernel",
+        "FilterType",
+        "RescaleType",
+        "WindowCenterWidthExplanation",
+        "PositionReferenceIndicator",
+        "ContrastBolusRoute",
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "CodingSchemeVersion",
+        "CodeMeaning",
+        "LongCodeValue",
+        "URNCodeValue",
+        "ContextGroupVersion",
+        "MappingResourceName",
+        "ReconstructionMethod",
+        "CalciumScoringMassFactorDevice",
+    }
+)
+
+#: Words kept by the Clean Descriptors option (C on free text): modality, anatomy, phase and
+#: reconstruction vocabulary of head and neck CT(A). Anything else in a descriptor is dropped.
+_VOCABULARY_TEXT = """
+    CT CTA ANGIO ANGIOGRAPHY ANGIOGRAM HEAD NECK BRAIN SKULL FACE FACIAL CAROTID CAROTIDS
+    VERTEBRAL BASILAR CIRCLE WILLIS COW ARCH AORTIC INTRACRANIAL EXTRACRANIAL CERVICAL SPINE
+    SINUS SINUSES ORBIT ORBITS TEMPORAL ARTERIAL ARTERY ARTERIES VENOUS VENOGRAM PHASE DELAYED
+    EARLY LATE CONTRAST NON WITH WITHOUT W WO AND OF THE TO AXIAL AX CORONAL COR SAGITTAL SAG
+    OBLIQUE MIP MINIP MPR VR VRT 3D 2D THIN THICK SLICE SLICES MM SOFT TISSUE BONE STANDARD
+    SHARP SMOOTH KERNEL RECON RECONSTRUCTION SCOUT TOPOGRAM LOCALIZER SURVIEW PERFUSION DOSE
+    REPORT PRE POST BOLUS TRACKING TEST ROUTINE PROTOCOL DUAL ENERGY KEV KV MONO IODINE IMAGE
+    IMAGES SERIES STUDY HELICAL SPIRAL SEQUENCE DEFACED ORIGINAL DERIVED PRIMARY SECONDARY
+    """
+CLEAN_VOCABULARY = frozenset(_VOCABULARY_TEXT.split())
+# Words that carry no meaning alone: a cleaned value made only of these is no value at all.
+_STOPWORDS = frozenset({"AND", "OF", "THE", "TO", "WITH", "WITHOUT", "W", "WO", "NON"})
+_NUMBER_TOKEN = re.compile(r"^\d(\.\d{1,3})?$")
+_TOKEN = re.compile(r"[A-Za-z0-9.]+")
+
+_DUMMY_TEXT = "ANONYMIZED"
+_DUMMIES: dict[str, Any] = {
+    "PN": "ANONYMOUS",
+    "DA": "20000101",
+    "TM": "000000",
+    "DT": "20000101000000",
+    "AS": "000Y",
+    "CS": "ANONYMIZED",
+    "DS": "0",
+    "IS": "0",
+    "UR": "urn:anonymized",
+    "FL": 0.0,
+    "FD": 0.0,
+    "US": 0,
+    "SS": 0,
+    "UL": 0,
+    "SL": 0,
+    "UV": 0,
+    "SV": 0,
+    "AT": 0,
+}
+
+_CID_7050: dict[Option | str, tuple[str, str]] = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "facemask": ("113102", "Clean Recognizable Visual Features Option"),
+    Option.CLEAN_DESCRIPTORS: ("113105", "Clean Descriptors Option"),
+    Option.RETAIN_LONGITUDINAL_MODIFIED_DATES: (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    Option.RETAIN_PATIENT_CHARACTERISTICS: ("113108", "Retain Patient Characteristics Option"),
+    Option.RETAIN_DEVICE_IDENTITY: ("113109", "Retain Device Identity Option"),
+    Option.RETAIN_UIDS: ("113110", "Retain UIDs Option"),
+    Option.RETAIN_SAFE_PRIVATE: ("113111", "Retain Safe Private Option"),
+    Option.RETAIN_INSTITUTION_IDENTITY: ("113112", "Retain Institution Identity Option"),
+}
+
+
+def _tag_str(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _vr_of(elem: DataElement | RawDataElement) -> str:
+    vr = elem.VR
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(elem.tag))
+    except KeyError:
+        return "UN"
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _describe_value(value: Any) -> str:
+    values = _strings(value)
+    if not values or all(v == "" for v in values):
+        return "empty"
+    n = sum(len(v) for v in values)
+    return f"<{len(values)} value{'s' if len(values) > 1 else ''}, {n} chars>"
+
+
+def resolve(rule: Rule, profile: Profile, vr: str) -> tuple[Action, str]:
+    """The single action applied to ``rule`` under ``profile`` (and a label naming why)."""
+    chosen = [rule.option_action(o) for o in profile.options]
+    from_options = [a for a in chosen if a is not None]
+    code = rule.basic
+    label = code.value
+    if from_options:
+        code = Action.K if Action.K in from_options else Action.C
+        label = f"{rule.basic.value}→{code.value} (option)"
+    return _single(code, vr), label
+
+
+def _single(code: Action, vr: str) -> Action:
+    """Resolve a combined code to the choice valid for any attribute Type (module docstring)."""
+    if vr == "SQ":
+        combined = {
+            Action.X_Z: Action.Z,
+            Action.X_Z_D: Action.Z,
+            Action.Z_D: Action.Z,
+            Action.X_D: Action.D,
+            Action.X_Z_U: Action.U,
+        }
+    else:
+        combined = {
+            Action.X_Z: Action.Z,
+            Action.X_Z_D: Action.D,
+            Action.Z_D: Action.D,
+            Action.X_D: Action.D,
+            Action.X_Z_U: Action.U,
+        }
+    return combined.get(code, code)
+
+
+class _Run:
+    """One de-identification of one instance; holds the per-patient state and the trace."""
+
+    def __init__(self, profile: Profile, table: Table, patient_key: str, trace: bool) -> None:
+        self.profile = profile
+        self.table = table
+        self.key = profile.key
+        self.shift_days = pseudonym.date_shift_days(profile.key, patient_key)
+        self.modified_dates = profile.retain_longitudinal_modified_dates
+        self.decisions: list[Decision] | None = [] if trace else None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _note(
+        self, path: str, tag: int, name: str, rule: str, effect: Effect, result: str = ""
+    ) -> None:
+        if self.decisions is not None:
+            self.decisions.append(Decision(path + _tag_str(tag), tag, name, rule, effect, result))
+
+    # -- datasets ----------------------------------------------------------------------------
+    def dataset(self, src: Dataset, strict: bool, path: str) -> Dataset:
+        out = Dataset()
+        safe_blocks = self._safe_private_blocks(src)
+        for raw in src.elements():
+            tag = int(raw.tag)
+            group, element = tag >> 16, tag & 0xFFFF
+            if element == 0 or group == 0x0002:  # group lengths; stray file meta in the body
+                self._note(path, tag, "Group Length / File Meta", "not copied", Effect.REMOVED)
+                continue
+            if group & 1:
+                self._private(src, out, raw, tag, safe_blocks, path)
+                continue
+            rule = self.table.lookup(tag)
+            vr = _vr_of(raw)
+            if rule is None:
+                self._unlisted(src, out, raw, tag, vr, strict, path)
+            else:
+                action, label = resolve(rule, self.profile, vr)
+                self._apply(src, out, raw, tag, vr, rule, action, label, strict, path)
+        return out
+
+    def _safe_private_blocks(self, src: Dataset) -> dict[int, frozenset[int]]:
+        """Creator tag → element offsets allowed in that block (Retain Safe Private)."""
+        if not self.profile.safe_private:
+            return {}
+        blocks: dict[int, frozenset[int]] = {}
+        for entry in self.profile.safe_private:
+            for block in range(0x10, 0x100):
+                creator_tag = (entry.group << 16) | block
+                if creator_tag in src and str(src[creator_tag].value).strip() == entry.creator:
+                    allowed = blocks.get(creator_tag, frozenset())
+                    blocks[creator_tag] = allowed | {entry.offset}
+        return blocks
+
+    def _private(
+        self,
+        src: Dataset,
+        out: Dataset,
+        raw: DataElement | RawDataElement,
+        tag: int,
+        safe_blocks: dict[int, frozenset[int]],
+        path: str,
+    ) -> None:
+        group, element = tag >> 16, tag & 0xFFFF
+        if 0x0010 <= element <= 0x00FF:
+            keep = tag in safe_blocks
+            creator_tag = tag
+        else:
+            creator_tag = (group << 16) | (element >> 8)
+            keep = (element & 0xFF) in safe_blocks.get(creator_tag, frozenset())
+        if keep:
+            out[tag] = self._copy(src, raw)
+            self._note(path, tag, "Private", "safe private allow-list", Effect.KEPT)
+        else:
+            self._note(path, tag, "Private", self.table.private.basic.value, Effect.REMOVED)
+
+    def _copy(self, src: Dataset, raw: DataElement | RawDataElement) -> DataElement | Any:
+        """A copy safe to hand out: raw elements are immutable; DataElements are rebuilt."""
+        if isinstance(raw, RawDataElement):
+            return raw
+        value = raw.value
+        if isinstance(value, Sequence):
+            value = Sequence([_deep_item(item) for item in value])
+        elif isinstance(value, MultiValue):
+            value = list(value)
+        return DataElement(raw.tag, raw.VR, value)
+
+    # -- unlisted ----------------------------------------------------------------------------
+    def _unlisted(
+        self,
+        src: Dataset,
+        out: Dataset,
+        raw: DataElement | RawDataElement,
+        tag: int,
+        vr: str,
+        strict: bool,
+        path: str,
+    ) -> None:
+        name = keyword_for_tag(tag) or "Unknown"
+        group = tag >> 16
+        if 0x6000 <= group <= 0x60FF:
+            self._note(path, tag, name, "overlay group (with 60xx,3000)", Effect.REMOVED)
+            return
+        if vr == "SQ":
+            self._sequence(src, out, tag, strict, path, name, "unlisted sequence")
+            return
+        if vr == "UI":
+            elem = src[tag]
+            values = _strings(elem.value)
+            if all(v.strip("\x00 ") in UID_dictionary or not v for v in values):
+                out[tag] = self._copy(src, raw)
+                self._note(path, tag, name, "unlisted well-known UID", Effect.KEPT)
+            else:
+                self._uid(out, tag, elem.value, name, "unlisted instance UID: U", path)
+            return
+        if vr in _NUMERIC_VRS:
+            out[tag] = self._copy(src, raw)
+            self._note(path, tag, name, "unlisted numeric/coded", Effect.KEPT)
+            return
+        if vr in _DATE_VRS:
+            if self.modified_dates:
+                self._clean_date(src, out, raw, tag, vr, name, "unlisted date: C", path, None)
+            else:
+                self._note(path, tag, name, "unlisted date/time: X", Effect.REMOVED)
+            return
+        if vr in _TEXT_VRS and not strict and name in SAFE_TEXT:
+            out[tag] = self._copy(src, raw)
+            self._note(path, tag, name, "unlisted safe text", Effect.KEPT)
+            return
+        self._note(path, tag, name, f"unlisted {vr}: X", Effect.REMOVED)
+
+    # -- table actions -----------------------------------------------------------------------
+    def _apply(
+        self,
+        src: Dataset,
+        out: Dataset,
+        raw: DataElement | RawDataElement,
+        tag: int,
+        vr: str,
+        rule: Rule,
+        action: Action,
+        label: str,
+        strict: bool,
+        path: str,
+    ) -> None:
+        name = rule.name
+        if action is Action.X:
+            self._note(path, tag, name, label, Effect.REMOVED)
+        elif action is Action.K:
+            if vr == "SQ":
+                self._sequence(src, out, tag, strict, path, name, label)
+            else:
+                out[tag] = self._copy(src, raw)
+                self._note(path, tag, name, label, Effect.KEPT)
+        elif action is Action.U:
+            if vr == "SQ":
+                self._sequence(src, out, tag, strict, path, name, label)
+            else:
+                self._uid(out, tag, src[tag].value, name, label, path)
+        elif action is Action.C:
+            self._clean(src, out, raw, tag, vr, rule, label, strict, path)
+        elif action is Action.Z:
+            if vr == "SQ":
+                out[tag] = DataElement(tag, "SQ", Sequence())
+                self._note(path, tag, name, label, Effect.EMPTIED)
+            elif not self._pseudonym(src, out, tag, vr, name, label, path):
+                out[tag] = DataElement(tag, vr, None)
+                self._note(path, tag, name, label, Effect.EMPTIED)
+        elif action is Action.D:
+            if vr == "SQ":
+                self._sequence(src, out, tag, True, path, name, label)
+            elif vr == "UI":
+                self._uid(out, tag, src[tag].value, name, label, path)
+            elif not self._pseudonym(src, out, tag, vr, name, label, path):
+                self._dummy(out, tag, vr, name, label, path)
+        else:  # pragma: no cover - _single() leaves only single codes
+            raise ValueError(f"unresolved action {action}")
+
+    def _fallback(
+        self,
+        src: Dataset,
+        out: Dataset,
+        raw: DataElement | RawDataElement,
+        tag: int,
+        vr: str,
+        rule: Rule,
+        label: str,
+        strict: bool,
+        path: str,
+    ) -> None:
+        """C could not clean this value: apply the basic-profile action instead."""
+        basic = _single(rule.basic, vr)
+        if basic is Action.C:  # no basic-profile row is C; never loop
+            basic = Action.X
+        self._apply(
+            src, out, raw, tag, vr, rule, basic, f"{label}, uncleanable→{basic.value}", strict, path
+        )
+
+    def _clean(
+        self,
+        src: Dataset,
+        out: Dataset,
+        raw: DataElement | RawDataElement,
+        tag: int,
+        vr: str,
+        rule: Rule,
+        label: str,
+        strict: bool,
+        path: str,
+    ) -> None:
+        name = rule.name
+        if vr == "SQ":
+            self._sequence(src, out, tag, True, path, name, label)
+        elif vr in _DATE_VRS:
+            if not self._clean_date(src, out, raw, tag, vr, name, label, path, rule):
+                self._fallback(src, out, raw, tag, vr, rule, label, strict, path)
+        elif vr == "CS":
+            out[tag] = self._copy(src, raw)
+            self._note(path, tag, name, label, Effect.KEPT)
+        elif vr in _TEXT_VRS and vr != "AE" and vr != "UR":
+            values = _strings(src[tag].value)
+            cleaned = [clean_text(v) for v in values]
+            if values and all(cleaned):
+                out[tag] = DataElement(tag, vr, cleaned if len(cleaned) > 1 else cleaned[0])
+                self._note(path, tag, name, label, Effect.CLEANED, _describe_value(cleaned))
+            else:
+                self._fallback(src, out, raw, tag, vr, rule, label, strict, path)
+        else:
+            self._fallback(src, out, raw, tag, vr, rule, label, strict, path)
+
+    def _clean_date(
+        self,
+        src: Dataset,
+        out: Dataset,
+        raw: DataElement | RawDataElement,
+        tag: int,
+        vr: str,
+        name: str,
+        label: str,
+        path: str,
+        rule: Rule | None,
+    ) -> bool:
+        """Modified dates: DA/DT shifted back by the patient's offset, TM kept (whole days)."""
+        if vr == "TM":
+            out[tag] = self._copy(src, raw)
+            self._note(path, tag, name, label, Effect.KEPT, "time of day kept")
+            return True
+        shift = pseudonym.shift_da if vr == "DA" else pseudonym.shift_dt
+        values = _strings(src[tag].value)
+        shifted = [shift(v, self.shift_days) for v in values]
+        if not values or any(s is None for s in shifted):
+            if rule is None:
+                self._note(path, tag, name, f"{label}, unparsable→X", Effect.REMOVED)
+            return False
+        new = [s for s in shifted if s is not None]
+        out[tag] = DataElement(tag, vr, new if len(new) > 1 else new[0])
+        self._note(path, tag, name, label, Effect.SHIFTED, "shifted by the patient offset")
+        return True
+
+    def _uid(self, out: Dataset, tag: int, value: Any, name: str, label: str, path: str) -> None:
+        values = _strings(value)
+        new = [pseudonym.pseudo_uid(self.key, v) if v.strip("\x00 ") else "" for v in values]
+        out[tag] = DataElement(tag, "UI", new if len(new) > 1 else (new[0] if new else None))
+        self._note(path, tag, name, label, Effect.UID, "keyed 2.25 UID")
+
+    def _pseudonym(
+        self, src: Dataset, out: Dataset, tag: int, vr: str, name: str, label: str, path: str
+    ) -> bool:
+        """Patient name/ID and accession/study IDs get keyed pseudonyms instead of Z/D."""
+        if tag not in (_PATIENT_NAME, _PATIENT_ID, _ACCESSION, _STUDY_ID):
+            return False
+        original = " ".join(_strings(src[tag].value)).strip()
+        if not original:
+            out[tag] = DataElement(tag, vr, None)
+            self._note(path, tag, name, label, Effect.EMPTIED)
+            return True
+        if tag in (_PATIENT_NAME, _PATIENT_ID):
+            value = pseudonym.pseudo_patient_id(self.key, self.profile.project_prefix, original)
+            if tag == _PATIENT_NAME:
+                # Name and ID carry the same code, derived from the ID when there is one, so a
+                # patient's name pseudonym is stable even if the name is spelt differently.
+                pid = (
+                    " ".join(_strings(src.get(_PATIENT_ID).value)).strip()
+                    if (_PATIENT_ID in src)
+                    else ""
+                )
+                value = pseudonym.pseudo_patient_id(
+                    self.key, self.profile.project_prefix, pid or original
+                )
+        else:
+            domain = "accession" if tag == _ACCESSION else "study-id"
+            value = pseudonym.pseudo_short_id(self.key, domain, original)
+        out[tag] = DataElement(tag, vr, value)
+        self._note(path, tag, name, label, Effect.PSEUDONYM, "keyed pseudonym")
+        return True
+
+    def _dummy(self, out: Dataset, tag: int, vr: str, name: str, label: str, path: str) -> None:
+        if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW"):
+            value: Any = b"\x00\x00"
+            vr = "OB" if vr in ("UN", "OB or OW", "US or OW") else vr
+        else:
+            value = _DUMMIES.get(vr, _DUMMY_TEXT)
+            if vr in ("US or SS", "US or SS or OW"):
+                vr, value = "US", 0
+            elif vr == "AE":
+                value = "ANONYMOUS"
+        out[tag] = DataElement(tag, vr, value)
+        self._note(path, tag, name, label, Effect.DUMMY, "dummy")
+
+    def _sequence(
+        self, src: Dataset, out: Dataset, tag: int, strict: bool, path: str, name: str, label: str
+    ) -> None:
+        items = src[tag].value or []
+        here = f"{path}{_tag_str(tag)}"
+        new_items = [self.dataset(item, strict, f"{here}[{i}]>") for i, item in enumerate(items)]
+        out[tag] = DataElement(tag, "SQ", Sequence(new_items))
+        effect_label = f"{label}{' (strict)' if strict else ''}"
+        self._note(path, tag, name, effect_label, Effect.ITEMS, f"{len(new_items)} item(s)")
+
+
+def _deep_item(item: Dataset) -> Dataset:
+    """Copy of a sequence item (only used for allow-listed private sequences)."""
+    new = Dataset()
+    for raw in item.elements():
+        if isinstance(raw, RawDataElement):
+            new[raw.tag] = raw
+        elif isinstance(raw.value, Sequence):
+            new[raw.tag] = DataElement(raw.tag, "SQ", Sequence([_deep_item(i) for i in raw.value]))
+        else:
+            value = list(raw.value) if isinstance(raw.value, MultiValue) else raw.value
+            new[raw.tag] = DataElement(raw.tag, raw.VR, value)
+    return new
+
+
+def clean_text(value: str) -> str:
+    """Keep only vocabulary words and small numbers (slice thickness, kernel): C for text."""
+    kept = [
+        tok
+        for tok in _TOKEN.findall(value)
+        if tok.upper().strip(".") in CLEAN_VOCABULARY or _NUMBER_TOKEN.match(tok)
+    ]
+    if all(tok.upper() in _STOPWORDS for tok in kept):
+        return ""
+    return " ".join(kept)
+
+
+def patient_key(ds: Dataset) -> str:
+    """What identifies the patient for the date shift: Patient ID, else Patient's Name."""
+    for tag in (_PATIENT_ID, _PATIENT_NAME):
+        if tag in ds:
+            value = " ".join(_strings(ds[tag].value)).strip()
+            if value:
+                return value
+    return ""
+
+
+def _method_items(profile: Profile, facemask_applied: bool) -> list[tuple[str, str]]:
+    codes = [_CID_7050["basic"]]
+    if facemask_applied:
+        codes.append(_CID_7050["facemask"])
+    codes.extend(_CID_7050[o] for o in profile.options if o in _CID_7050)
+    return codes
+
+
+def _record_method(out: Dataset, profile: Profile, facemask_applied: bool) -> None:
+    """PS3.15 E.1.1 6 / PS3.3 C.7.1.1: say that and how the instance was de-identified."""
+    out.PatientIdentityRemoved = "YES"
+    codes = _method_items(profile, facemask_applied)
+    out.DeidentificationMethod = [
+        f"defacegate PS3.15 E.1-1 {STANDARD_EDITION} Basic Profile",
+        *(meaning[:64] for _, meaning in codes[1:]),
+    ]
+    items = []
+    for value, meaning in codes:
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        items.append(item)
+    out.DeidentificationMethodCodeSequence = Sequence(items)
+    out.LongitudinalTemporalInformationModified = (
+        "MODIFIED" if profile.retain_longitudinal_modified_dates else "REMOVED"
+    )
+    if facemask_applied:
+        out.RecognizableVisualFeatures = "NO"
+
+
+def _file_meta(src: Dataset, out: Dataset, key: bytes, retain_uids: bool) -> None:
+    """A fresh file meta group: no source AE titles or private information survive."""
+    old = getattr(src, "file_meta", None)
+    meta = FileMetaDataset()
+    sop_class = (old.get("MediaStorageSOPClassUID") if old else None) or src.get("SOPClassUID")
+    if sop_class:
+        meta.MediaStorageSOPClassUID = sop_class
+    if "SOPInstanceUID" in out:
+        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    elif old is not None and "MediaStorageSOPInstanceUID" in old:
+        original = str(old.MediaStorageSOPInstanceUID)
+        meta.MediaStorageSOPInstanceUID = (
+            original if retain_uids else pseudonym.pseudo_uid(key, original)
+        )
+    if old is not None and "TransferSyntaxUID" in old:
+        meta.TransferSyntaxUID = old.TransferSyntaxUID
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "DEFACEGATE_01"
+    out.file_meta = meta
+
+
+def _run(
+    ds: Dataset, profile: Profile, facemask_applied: bool, trace: bool
+) -> tuple[Dataset, list[Decision]]:
+    burned = ds.get("BurnedInAnnotation")
+    if burned is not None and str(burned).strip().upper() == "YES":
+        raise DeidentificationError(
+            "BurnedInAnnotation is YES: burned-in text cannot be removed, instance refused"
+        )
+    run = _Run(profile, load_table(), patient_key(ds), trace)
+    out = run.dataset(ds, strict=False, path="")
+    for tag in _ADDED_BY_US:
+        if tag in out:
+            del out[tag]
+    _record_method(out, profile, facemask_applied)
+    _file_meta(ds, out, profile.key, profile.retain_uids)
+    out.set_original_encoding(
+        ds.original_encoding[0], ds.original_encoding[1], ds.original_character_set
+    )
+    decisions = run.decisions or []
+    for tag in sorted(_ADDED_BY_US):
+        if tag in out:
+            decisions.append(
+                Decision(
+                    _tag_str(tag),
+                    tag,
+                    keyword_for_tag(tag),
+                    "added",
+                    Effect.ADDED,
+                    _describe_value(out[tag].value) if out[tag].VR != "SQ" else "codes",
+                )
+            )
+    return out, decisions
+
+
+def deidentify(ds: Dataset, profile: Profile, *, facemask_applied: bool) -> Dataset:
+    """Return a de-identified copy of ``ds`` (PS3.15 E.1-1 Basic Profile + ``profile`` options).
+
+    ``facemask_applied`` records the Clean Recognizable Visual Features option (113102) and
+    Recognizable Visual Features = NO. Raises :class:`DeidentificationError` when the instance
+    must not be forwarded (Burned In Annotation = YES).
+    """
+    return _run(ds, profile, facemask_applied, trace=False)[0]
+
+
+def explain(ds: Dataset, profile: Profile, *, facemask_applied: bool = False) -> list[Decision]:
+    """Every decision :func:`deidentify` takes on ``ds``, values masked (for the dry run)."""
+    return _run(ds, profile, facemask_applied, trace=True)[1]
