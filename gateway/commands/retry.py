@@ -1,4 +1,4 @@
-"""`defacegate retry`."""
+"""`defacegate retry`: re-queue a dead-lettered (failed) series, or list them."""
 
 from __future__ import annotations
 
@@ -8,13 +8,32 @@ import sys
 from gateway.config import Settings
 
 NAME = "retry"
-HELP = "retry (not yet implemented)"
+HELP = "re-queue a dead-lettered series (SERIES_UID or its log id); --list shows them"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs="*")
+    parser.add_argument("series", nargs="?", help="SeriesInstanceUID or the log id from the logs")
+    parser.add_argument("--list", action="store_true", help="list failed series")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    print("defacegate retry: not yet implemented", file=sys.stderr)
-    return 3
+    from gateway.state import NotRetryableError, State, UnknownSeriesError
+    from gateway.tasks import Context
+
+    ctx = Context.from_settings(settings)
+    store = ctx.store
+    if args.list or not args.series:
+        for rec in store.find(State.FAILED):
+            print(f"{rec.log_id}\t{rec.failed_stage}\t{rec.reason}")
+        return 0 if args.list else 2
+    matches = [r for r in store.find(State.FAILED) if r.log_id == args.series]
+    series_uid = matches[0].series_uid if len(matches) == 1 else args.series
+    try:
+        gen = store.get(series_uid).generation
+        has_outputs = bool(ctx.spool.output_paths(series_uid, gen))
+        rec = store.retry(series_uid, has_outputs=has_outputs)
+    except (UnknownSeriesError, NotRetryableError) as exc:
+        print(f"defacegate retry: {exc}", file=sys.stderr)
+        return 1
+    print(f"series {rec.log_id}: re-queued as {rec.state} (the running gateway picks it up)")
+    return 0

@@ -1,0 +1,263 @@
+"""The C-STORE / C-ECHO SCP (pynetdicom): security checks at association time, then every
+instance is written to the spool before Success is returned.
+
+Handlers are small and get their dependencies bound (STYLE §2); they translate between
+DIMSE and :mod:`gateway.spool` / :mod:`gateway.state` and return :class:`Status` members.
+
+Which SOP classes: CT Image Storage, Enhanced CT and Legacy Converted Enhanced CT are
+processed. The other objects a CTA study commonly carries (secondary captures such as dose
+screens and 3D renderings, dose SRs, presentation states) are *accepted and quarantined*:
+refusing them would fail the sender's whole study transfer and make it retry forever, while
+they are exactly the objects with burned-in or free-text PHI, so they are never forwarded.
+Any other SOP class is not negotiated (presentation context rejected).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pydicom.uid import JPEGLossless as JPEGLosslessP14
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+    XRayRadiationDoseSRStorage,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateway.config import GatewaySettings
+from gateway.keys import log_id, safe_uid
+from gateway.spool import Spool, SpoolFullError, StoreOutcome
+from gateway.state import Kind, StateStore
+from gateway.statuses import Status
+
+log = logging.getLogger(__name__)
+
+CT_SOP_CLASSES: frozenset[str] = frozenset(
+    {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
+)
+QUARANTINED_SOP_CLASSES: frozenset[str] = frozenset(
+    {
+        SecondaryCaptureImageStorage,
+        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        MultiFrameTrueColorSecondaryCaptureImageStorage,
+        GrayscaleSoftcopyPresentationStateStorage,
+        XRayRadiationDoseSRStorage,
+        EnhancedSRStorage,
+        ComprehensiveSRStorage,
+    }
+)
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEGLosslessSV1,
+    JPEGLosslessP14,
+    RLELossless,
+)
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+_RJ_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
+_RJ_CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
+
+
+def caller_allowed(settings: GatewaySettings, calling_ae: str, address: str) -> bool:
+    """Is ``calling_ae`` connecting from ``address`` on the allow-list (or is there none)?"""
+    if settings.allowed_callers is None:
+        return True
+    ae = calling_ae.strip()
+    return any(
+        c.ae_title.strip() == ae and (c.host is None or c.host == address)
+        for c in settings.allowed_callers
+    )
+
+
+def handle_requested(event: Event, settings: GatewaySettings) -> None:
+    """EVT_REQUESTED: reject unknown callers / wrong called AE with A-ASSOCIATE-RJ."""
+    assoc = event.assoc
+    calling = assoc.requestor.ae_title or assoc.requestor.primitive.calling_ae_title
+    called = assoc.requestor.primitive.called_ae_title
+    address = assoc.requestor.address
+    if not caller_allowed(settings, calling, address):
+        log.warning("association rejected: calling AE not allowed (from %s)", address)
+        assoc.acse.send_reject(*_RJ_CALLING_AE_NOT_RECOGNIZED)
+        assoc.kill()  # as pynetdicom's own ACSE does after a reject: flush it, stop the DUL
+    elif settings.check_called_ae and called.strip() != settings.ae_title.strip():
+        log.warning("association rejected: called AE is not ours (from %s)", address)
+        assoc.acse.send_reject(*_RJ_CALLED_AE_NOT_RECOGNIZED)
+        assoc.kill()
+
+
+def handle_echo(event: Event) -> Status:
+    """C-ECHO: the gateway is alive."""
+    return Status.SUCCESS
+
+
+def handle_store(
+    event: Event, spool: Spool, store: StateStore, settings: GatewaySettings
+) -> Status:
+    """C-STORE: validate the identifying UIDs, spool the raw bytes durably, record them."""
+    try:
+        ds = event.dataset
+        series_uid = safe_uid(str(ds.SeriesInstanceUID))
+        sop_uid = safe_uid(str(ds.SOPInstanceUID))
+        sop_class = str(ds.SOPClassUID)
+    except (AttributeError, KeyError, ValueError) as exc:
+        log.warning("C-STORE refused: identifying UIDs missing or invalid (%s)", type(exc).__name__)
+        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        log.warning("C-STORE refused: undecodable dataset (%s)", type(exc).__name__)
+        return Status.CANNOT_UNDERSTAND
+    request = event.request
+    if sop_uid != str(request.AffectedSOPInstanceUID).strip() or sop_class != str(
+        request.AffectedSOPClassUID
+    ).strip("\0 "):
+        log.warning("C-STORE refused: dataset UIDs disagree with the request")
+        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if not store.admits(series_uid, settings.max_pending_series):
+        log.warning("C-STORE refused: %d series pending (backpressure)", store.pending_count())
+        return Status.OUT_OF_RESOURCES
+    try:
+        outcome = spool.store(series_uid, sop_uid, event.encoded_dataset(include_meta=True))
+    except SpoolFullError:
+        log.error("C-STORE refused: spool below its free-space floor or disk full")
+        return Status.OUT_OF_RESOURCES
+    except OSError as exc:
+        log.error("C-STORE refused: spool write failed (%s)", type(exc).__name__)
+        return Status.OUT_OF_RESOURCES
+    kind = Kind.CT if sop_class in CT_SOP_CLASSES else Kind.OTHER
+    received = store.record_instance(
+        series_uid,
+        kind=kind,
+        changed=outcome is not StoreOutcome.DUPLICATE,
+        new_instance=outcome is StoreOutcome.NEW,
+    )
+    if received.new_series:
+        log.info("series %s: first instance received", log_id(series_uid))
+    elif received.superseded:
+        log.info(
+            "series %s: instance after processing started → job %d supersedes the previous",
+            log_id(series_uid),
+            received.generation,
+        )
+    return Status.SUCCESS
+
+
+class _NoDelayServer(ThreadedAssociationServer):
+    """pynetdicom's server with TCP_NODELAY on accepted sockets: without it every small
+    PDU (the C-STORE response) waits for Linux's 40 ms delayed ACK."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+
+def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """TLS context of the listening port, or None for plain DICOM."""
+    tls = settings.tls
+    if tls is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=tls.ca_file)
+    if tls.require_client_cert:
+        if tls.ca_file is None:
+            raise ValueError("gateway.tls.require_client_cert needs gateway.tls.ca_file")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def build_ae(settings: GatewaySettings) -> AE:
+    """An AE with our contexts, limits and timeouts (no global pynetdicom config touched)."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.add_supported_context(Verification)
+    for sop_class in sorted(CT_SOP_CLASSES | QUARANTINED_SOP_CLASSES):
+        ae.add_supported_context(UID(sop_class), list(TRANSFER_SYNTAXES))
+    return ae
+
+
+class StorageSCP:
+    """The running listener; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, settings: GatewaySettings, spool: Spool, store: StateStore) -> None:
+        self.settings = settings
+        self.ae = build_ae(settings)
+        handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list]] = [
+            (evt.EVT_REQUESTED, handle_requested, [settings]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [spool, store, settings]),
+        ]
+        self.server = self.ae.make_server(
+            (settings.host, settings.port),
+            ae_title=settings.ae_title,
+            ssl_context=server_ssl_context(settings),
+            evt_handlers=handlers,
+            server_class=_NoDelayServer,
+        )
+        self.ae._servers.append(self.server)  # as AE.start_server does; shutdown() expects it
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="defacegate-scp", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+        if self.settings.allowed_callers is None:
+            log.warning("no gateway.allowed_callers configured: any calling AE is accepted")
+        log.info(
+            "C-STORE SCP %s listening on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port,
+            " (TLS)" if self.settings.tls else "",
+        )
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)

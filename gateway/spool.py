@@ -1,0 +1,177 @@
+"""The durable spool: received instances and de-identified outputs on (shared) disk.
+
+Layout under ``root``::
+
+    series/<SeriesInstanceUID>/in/<SOPInstanceUID>.dcm       as received, raw bytes
+    series/<SeriesInstanceUID>/out/<generation>/<new SOP UID>.dcm   de-identified job output
+
+Every write goes to a temporary file in the same directory, is fsync'ed and then
+``os.replace``'d into place, and the directory is fsync'ed, so a file either exists whole
+or not at all (STYLE §3). Names come from validated UIDs only (:func:`gateway.keys.safe_uid`).
+Outputs of a job appear at once: they are written into a hidden sibling directory that is
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from enum import Enum
+from pathlib import Path
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+from gateway.keys import safe_uid
+
+_SUFFIX = ".dcm"
+
+
+class SpoolFullError(OSError):
+    """The spool is below its free-space floor or the disk is full: refuse, retry later."""
+
+
+class StoreOutcome(Enum):
+    """What storing an instance did."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # identical bytes already spooled: nothing changed
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: the newer copy wins
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or all of it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+class Spool:
+    """Files of every series the gateway holds; safe to share between processes and hosts."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, free_space_floor_mb: int = 0) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.floor_bytes = int(free_space_floor_mb) * 1024 * 1024
+        (self.root / "series").mkdir(parents=True, exist_ok=True)
+
+    # -- paths ---------------------------------------------------------------------------
+    def series_dir(self, series_uid: str) -> Path:
+        return self.root / "series" / safe_uid(series_uid)
+
+    def input_dir(self, series_uid: str) -> Path:
+        return self.series_dir(series_uid) / "in"
+
+    def output_dir(self, series_uid: str, generation: int) -> Path:
+        return self.series_dir(series_uid) / "out" / str(int(generation))
+
+    # -- ingest --------------------------------------------------------------------------
+    def check_free_space(self, needed: int = 0) -> None:
+        """Raise :class:`SpoolFullError` when writing ``needed`` bytes would cross the floor."""
+        free = shutil.disk_usage(self.root).free
+        if free - needed < self.floor_bytes:
+            raise SpoolFullError(errno.ENOSPC, "spool below its free-space floor")
+
+    def store(self, series_uid: str, sop_uid: str, data: bytes) -> StoreOutcome:
+        """Durably store one received instance (raw Part 10 bytes) before Success is sent.
+
+        Idempotent: re-sending identical bytes changes nothing.
+        """
+        directory = self.input_dir(series_uid)
+        path = directory / f"{safe_uid(sop_uid)}{_SUFFIX}"
+        outcome = StoreOutcome.NEW
+        if path.exists():
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                return StoreOutcome.DUPLICATE
+            outcome = StoreOutcome.REPLACED
+        self.check_free_space(len(data))
+        try:
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                if self.fsync:
+                    _fsync_dir(directory.parent)
+                    _fsync_dir(directory.parent.parent)
+            atomic_write(path, data, fsync=self.fsync)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(exc.errno, "spool disk full") from exc
+            raise
+        return outcome
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        """Every spooled instance of the series, in a stable order."""
+        directory = self.input_dir(series_uid)
+        if not directory.is_dir():
+            return []
+        return sorted(p for p in directory.iterdir() if p.suffix == _SUFFIX and p.is_file())
+
+    def series_on_disk(self) -> Iterator[str]:
+        """Series UIDs that have spooled instances (for start-up recovery)."""
+        for d in sorted((self.root / "series").iterdir()):
+            if (d / "in").is_dir() and any((d / "in").glob(f"*{_SUFFIX}")):
+                yield d.name
+
+    # -- outputs -------------------------------------------------------------------------
+    def write_outputs(self, series_uid: str, generation: int, datasets: Iterable[Dataset]) -> Path:
+        """Write a job's de-identified instances; they appear all at once or not at all.
+
+        File names are the (new) SOP Instance UIDs. A previous partial attempt of the same
+        job is replaced.
+        """
+        final = self.output_dir(series_uid, generation)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        tmp.mkdir()
+        try:
+            for ds in datasets:
+                path = tmp / f"{safe_uid(ds.SOPInstanceUID)}{_SUFFIX}"
+                dcmwrite(path, ds, enforce_file_format=True)
+                if self.fsync:
+                    with open(path, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if self.fsync:
+                _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def output_paths(self, series_uid: str, generation: int) -> list[Path]:
+        directory = self.output_dir(series_uid, generation)
+        if not directory.is_dir():
+            return []
+        return sorted(p for p in directory.iterdir() if p.suffix == _SUFFIX)
+
+    def discard_outputs(self, series_uid: str, generation: int) -> None:
+        """Drop a superseded job's outputs."""
+        shutil.rmtree(self.output_dir(series_uid, generation), ignore_errors=True)
+
+    def remove_series(self, series_uid: str) -> None:
+        """Delete everything held for a series (after its retention period)."""
+        shutil.rmtree(self.series_dir(series_uid), ignore_errors=True)

@@ -1,0 +1,294 @@
+"""The two jobs of the gateway, as plain functions run by a Celery worker or by the embedded
+worker thread of ``defacegate serve`` alike (thin adapters live in :mod:`gateway.celery_app`
+and :mod:`gateway.service`).
+
+Messages carry a series UID and a generation, never pixel data: the files are on the
+shared spool. Every job is idempotent (STYLE §8): it re-reads the state, claims the series
+for its stage (or finds nothing to do), renews its lease while it works, and commits its
+result only if the series still belongs to it and to the same generation.
+
+Fail closed: :class:`~inference.errors.SeriesError`, :class:`~inference.errors.FacemaskError`
+and ``anonymizer.DeidentificationError`` quarantine the series (files kept, never forwarded);
+any other error dead-letters it (``failed``; ``defacegate retry`` re-queues). Logs name series
+by :func:`gateway.keys.log_id` and errors by type only: exception messages may quote data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from gateway.config import DefaceSettings, Settings
+from gateway.keys import log_id
+from gateway.spool import Spool
+from gateway.state import Stage, State, StateStore
+from inference.engines import FacemaskEngine
+from inference.errors import FacemaskError, SeriesError
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    """What a job did (returned to Celery as the task result, logged in embedded mode)."""
+
+    NOTHING_TO_DO = "nothing-to-do"  # duplicate message, wrong generation, or owned elsewhere
+    SUPERSEDED = "superseded"  # a newer job of the series started meanwhile: output dropped
+    DEIDENTIFIED = "deidentified"
+    QUARANTINED = "quarantined"
+    RETRY_LATER = "retry-later"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a job needs; built once per process from the settings."""
+
+    settings: Settings
+    spool: Spool
+    store: StateStore
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Context:
+        gw = settings.gateway
+        return cls(
+            settings=settings,
+            spool=Spool(gw.spool_dir, fsync=gw.fsync, free_space_floor_mb=gw.free_space_floor_mb),
+            store=StateStore(gw.state_path),
+        )
+
+
+# -- the engine: loaded once per process ----------------------------------------------------
+_engines: dict[str, FacemaskEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(deface: DefaceSettings) -> FacemaskEngine:
+    """The facemask engine for these settings, loaded on first use and kept for the life of
+    the process (a Celery worker child or the embedded worker thread)."""
+    key = deface.model_dump_json()
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            from gateway.pipeline import engine_from_settings  # torch only when nnunet
+
+            started = time.monotonic()
+            engine = engine_from_settings(deface)
+            _engines[key] = engine
+            log.info("engine %s loaded in %.1f s", engine.name, time.monotonic() - started)
+        return engine
+
+
+def _deidentification_errors() -> tuple[type[BaseException], ...]:
+    from anonymizer import DeidentificationError
+
+    return (SeriesError, FacemaskError, DeidentificationError)
+
+
+def deface_datasets(paths: Sequence[Path], settings: Settings) -> list[Dataset]:
+    """Run the offline pipeline on one spooled series; the defaced, de-identified instances."""
+    from gateway.pipeline import process_series, profile_from_settings
+
+    engine = get_engine(settings.deface)
+    results = process_series(list(paths), engine, profile_from_settings(settings.deid), settings)
+    return [ds for result in results for ds in result.datasets]
+
+
+# -- the lease -------------------------------------------------------------------------------
+@contextmanager
+def leased(store: StateStore, series_uid: str, owner: str, interval_s: float) -> Iterator[None]:
+    """Renew the claim every ``interval_s`` while the body runs, so a live task is never
+    mistaken for a dead one however long inference takes."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            if not store.beat(series_uid, owner):
+                return
+
+    thread = threading.Thread(target=beat, name="defacegate-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _lease_interval(settings: Settings) -> float:
+    return max(0.2, settings.gateway.lease_timeout_s / 4)
+
+
+# -- the jobs --------------------------------------------------------------------------------
+def run_deface(ctx: Context, series_uid: str, generation: int, owner: str) -> Outcome:
+    """Deface + de-identify one generation of a series into ``out/<generation>``."""
+    store, spool, settings = ctx.store, ctx.spool, ctx.settings
+    lid = log_id(series_uid)
+    if not store.claim(
+        series_uid, generation, Stage.DEFACE, owner, settings.gateway.lease_timeout_s
+    ):
+        log.info("series %s job %d: deface has nothing to do", lid, generation)
+        return Outcome.NOTHING_TO_DO
+    started = time.monotonic()
+    log.info("series %s job %d: defacing", lid, generation)
+    quarantine = _deidentification_errors()
+    with leased(store, series_uid, owner, _lease_interval(settings)):
+        try:
+            datasets = deface_datasets(spool.instance_paths(series_uid), settings)
+            if not datasets:
+                raise SeriesError("the pipeline produced no instance")
+            if store.get(series_uid).generation != generation:
+                return _superseded(ctx, series_uid, generation, written=False)
+            spool.write_outputs(series_uid, generation, datasets)
+        except quarantine as exc:
+            log.warning("series %s job %d: quarantined (%s)", lid, generation, type(exc).__name__)
+            store.finish(
+                series_uid, generation, owner, State.QUARANTINED, reason=type(exc).__name__
+            )
+            return Outcome.QUARANTINED
+        except Exception as exc:
+            log.error("series %s job %d: deface failed (%s)", lid, generation, type(exc).__name__)
+            log.debug("deface failure", exc_info=True)  # DEBUG only: messages may quote data
+            store.finish(
+                series_uid,
+                generation,
+                owner,
+                State.FAILED,
+                failed_stage=Stage.DEFACE.value,
+                reason=type(exc).__name__,
+            )
+            return Outcome.FAILED
+    if not store.finish(series_uid, generation, owner, State.DEIDENTIFIED, outputs=len(datasets)):
+        return _superseded(ctx, series_uid, generation, written=True)
+    log.info(
+        "series %s job %d: %d instances defaced and de-identified in %.1f s",
+        lid,
+        generation,
+        len(datasets),
+        time.monotonic() - started,
+    )
+    return Outcome.DEIDENTIFIED
+
+
+def _superseded(ctx: Context, series_uid: str, generation: int, *, written: bool) -> Outcome:
+    if written:
+        ctx.spool.discard_outputs(series_uid, generation)
+    log.info("series %s job %d: superseded by a newer job", log_id(series_uid), generation)
+    return Outcome.SUPERSEDED
+
+
+def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> Outcome:
+    """C-STORE one generation's outputs to every destination; retry with backoff, then
+    dead-letter. Instances a destination confirmed are skipped on the next attempt."""
+    from gateway.forward import (
+        PermanentForwardError,
+        TransientForwardError,
+        backoff_delays,
+        destination_key,
+        forward_series,
+    )
+
+    store, spool, settings = ctx.store, ctx.spool, ctx.settings
+    fwd = settings.forward
+    lid = log_id(series_uid)
+    if not store.claim(
+        series_uid, generation, Stage.FORWARD, owner, settings.gateway.lease_timeout_s
+    ):
+        log.info("series %s job %d: forward has nothing to do", lid, generation)
+        return Outcome.NOTHING_TO_DO
+    record = store.get(series_uid)
+    files = spool.output_paths(series_uid, generation)
+    with leased(store, series_uid, owner, _lease_interval(settings)):
+        if not files or not settings.destinations:
+            reason = "no output files" if not files else "no destination configured"
+            log.error("series %s job %d: cannot forward: %s", lid, generation, reason)
+            store.finish(
+                series_uid,
+                generation,
+                owner,
+                State.FAILED,
+                failed_stage=Stage.FORWARD.value,
+                reason=reason,
+            )
+            return Outcome.FAILED
+        for destination in settings.destinations:
+            key = destination_key(destination)
+            try:
+                result = forward_series(files, destination, fwd, skip=record.confirmed.get(key, ()))
+            except TransientForwardError as exc:
+                store.confirm(series_uid, generation, owner, key, exc.confirmed)
+                attempts = record.attempts + 1
+                if attempts > fwd.retries:
+                    log.error(
+                        "series %s job %d: %s unreachable after %d attempts: dead-letter",
+                        lid,
+                        generation,
+                        key,
+                        attempts,
+                    )
+                    store.finish(
+                        series_uid,
+                        generation,
+                        owner,
+                        State.FAILED,
+                        failed_stage=Stage.FORWARD.value,
+                        reason=f"transient: {exc}",
+                        attempts=attempts,
+                    )
+                    return Outcome.FAILED
+                delay = backoff_delays(fwd.retries, fwd.backoff_base_s, fwd.backoff_cap_s)[
+                    attempts - 1
+                ]
+                log.warning(
+                    "series %s job %d: %s (attempt %d, next in %.0f s)",
+                    lid,
+                    generation,
+                    exc,
+                    attempts,
+                    delay,
+                )
+                store.finish(
+                    series_uid,
+                    generation,
+                    owner,
+                    State.DEIDENTIFIED,
+                    attempts=attempts,
+                    next_attempt=time.time() + delay,
+                    reason=f"transient: {exc}",
+                )
+                return Outcome.RETRY_LATER
+            except PermanentForwardError as exc:
+                store.confirm(series_uid, generation, owner, key, exc.confirmed)
+                log.error("series %s job %d: %s: dead-letter", lid, generation, exc)
+                store.finish(
+                    series_uid,
+                    generation,
+                    owner,
+                    State.FAILED,
+                    failed_stage=Stage.FORWARD.value,
+                    reason=f"permanent: {exc}",
+                    attempts=record.attempts + 1,
+                )
+                return Outcome.FAILED
+            store.confirm(series_uid, generation, owner, key, result.confirmed)
+    if not store.finish(series_uid, generation, owner, State.DONE, reason=None):
+        return _superseded(ctx, series_uid, generation, written=False)
+    log.info(
+        "series %s job %d: forwarded to %s",
+        lid,
+        generation,
+        json.dumps([destination_key(d) for d in settings.destinations]),
+    )
+    return Outcome.DONE
+
+
+JOBS = {Stage.DEFACE: run_deface, Stage.FORWARD: run_forward}
