@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_description, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -133,7 +133,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9.]+")
 
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMIES: dict[str, Any] = {
-    "PN": "ANONYMOUS",
+    "PN": "ANONYMOUS^ANONYMOUS",
     "DA": "20000101",
     "TM": "000000",
     "DT": "20000101000000",
@@ -171,6 +171,13 @@ _CID_7050: dict[Option | str, tuple[str, str]] = {
 
 def _tag_str(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _name(tag: int) -> str:
+    try:
+        return str(dictionary_description(tag))
+    except KeyError:
+        return "Unknown"
 
 
 def _vr_of(elem: DataElement | RawDataElement) -> str:
@@ -214,11 +221,13 @@ def resolve(rule: Rule, profile: Profile, vr: str) -> tuple[Action, str]:
 def _single(code: Action, vr: str) -> Action:
     """Resolve a combined code to the choice valid for any attribute Type (module docstring)."""
     if vr == "SQ":
+        # An empty sequence is valid only for Type 2; Type 3 sequences (most of these rows)
+        # must be absent instead, and a Type 1 one would need a dummy item we cannot invent.
         combined = {
-            Action.X_Z: Action.Z,
-            Action.X_Z_D: Action.Z,
+            Action.X_Z: Action.X,
+            Action.X_Z_D: Action.X,
             Action.Z_D: Action.Z,
-            Action.X_D: Action.D,
+            Action.X_D: Action.X,
             Action.X_Z_U: Action.U,
         }
     else:
@@ -329,7 +338,7 @@ class _Run:
         strict: bool,
         path: str,
     ) -> None:
-        name = keyword_for_tag(tag) or "Unknown"
+        name = _name(tag)
         group = tag >> 16
         if 0x6000 <= group <= 0x60FF:
             self._note(path, tag, name, "overlay group (with 60xx,3000)", Effect.REMOVED)
@@ -349,6 +358,11 @@ class _Run:
         if vr in _NUMERIC_VRS:
             out[tag] = self._copy(src, raw)
             self._note(path, tag, name, "unlisted numeric/coded", Effect.KEPT)
+            return
+        if strict and vr in _DATE_VRS | _TEXT_VRS | {"PN", "AS"}:
+            # Inside a sequence being replaced by a dummy (D): keep the structure valid
+            # (e.g. Type 1 code values) but no content.
+            self._dummy(out, tag, vr, name, f"unlisted {vr} in dummy sequence: D", path)
             return
         if vr in _DATE_VRS:
             if self.modified_dates:
@@ -519,7 +533,7 @@ class _Run:
                 )
                 value = pseudonym.pseudo_patient_id(
                     self.key, self.profile.project_prefix, pid or original
-                )
+                ).replace("-", "^", 1)  # PN form family^given (PS3.5 6.2.1.1)
         else:
             domain = "accession" if tag == _ACCESSION else "study-id"
             value = pseudonym.pseudo_short_id(self.key, domain, original)
@@ -545,10 +559,10 @@ class _Run:
     ) -> None:
         items = src[tag].value or []
         here = f"{path}{_tag_str(tag)}"
+        effect_label = f"{label}{' (as dummy)' if strict else ''}"
+        self._note(path, tag, name, effect_label, Effect.ITEMS, f"{len(items)} item(s)")
         new_items = [self.dataset(item, strict, f"{here}[{i}]>") for i, item in enumerate(items)]
         out[tag] = DataElement(tag, "SQ", Sequence(new_items))
-        effect_label = f"{label}{' (strict)' if strict else ''}"
-        self._note(path, tag, name, effect_label, Effect.ITEMS, f"{len(new_items)} item(s)")
 
 
 def _deep_item(item: Dataset) -> Dataset:
