@@ -27,6 +27,7 @@ from pydicom.uid import (
     JPEG2000,
     CTImageStorage,
     EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     JPEG2000Lossless,
@@ -190,6 +191,13 @@ def assemble_series(
             raise NotCTError(f"{label}: modality is {modality or 'missing'}, not CT")
         if str(ds.get("SOPClassUID", "")) not in CT_SOP_CLASSES:
             raise NotCTError(f"{label}: SOP class is not a CT image storage class")
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("TransferSyntaxUID") == ExplicitVRBigEndian:
+            # Retired (PS3.5 A.3); its other binary elements cannot be re-encoded faithfully.
+            raise SeriesError(
+                f"{label}: Explicit VR Big Endian (retired) is not supported; "
+                "convert the files first (dcmconv +te)"
+            )
     kept = [ds for ds in datasets if not _is_localizer(ds)]
     if len(kept) < len(datasets):
         warnings.append(f"dropped {len(datasets) - len(kept)} localizer image(s)")

@@ -177,7 +177,6 @@ def _native(ts):
 
 LOSSLESS = {
     "implicit": (ImplicitVRLittleEndian, _native(ImplicitVRLittleEndian)),
-    "big-endian": (ExplicitVRBigEndian, _native(ExplicitVRBigEndian)),
     "deflate": (DeflatedExplicitVRLittleEndian, _native(DeflatedExplicitVRLittleEndian)),
     "rle": (RLELossless, _pydicom(RLELossless)),
     "jpeg-ls": (JPEGLSLossless, _pydicom(JPEGLSLossless)),
@@ -217,6 +216,13 @@ def test_lossy_inputs_are_decoded_and_flagged(ts, encode, tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------- rejected input
+
+
+def test_retired_big_endian_is_rejected_clearly():
+    _, _, dss = _series()
+    encoded = _native(ExplicitVRBigEndian)(dss, None)
+    with pytest.raises(SeriesError, match="Big Endian"):
+        assemble(encoded)
 
 
 def test_non_ct_modality_is_rejected():
