@@ -370,7 +370,7 @@ class _Run:
             else:
                 self._note(path, tag, name, "unlisted date/time: X", Effect.REMOVED)
             return
-        if vr in _TEXT_VRS and not strict and name in SAFE_TEXT:
+        if vr in _TEXT_VRS and not strict and keyword_for_tag(tag) in SAFE_TEXT:
             out[tag] = self._copy(src, raw)
             self._note(path, tag, name, "unlisted safe text", Effect.KEPT)
             return
