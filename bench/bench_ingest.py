@@ -1,0 +1,106 @@
+"""Ingest speed: a 300-slice 512×512 CT series sent by dcmtk ``storescu`` over one association
+into the gateway (``defacegate serve``, fsync on) and into dcmtk ``storescp`` (TCP_NODELAY=1),
+alternately, on the same machine in the same run. Prints instances/s and the ratio
+(target: gateway ≥ 0.5 × storescp).
+
+    .venv/bin/python bench/bench_ingest.py [--slices 300] [--matrix 512] [--rounds 2]
+
+The gateway's quiet period is set far beyond the run so no defacing competes for the CPU:
+this measures receive + durable spool only. Each round sends a fresh series (new UIDs) so
+the gateway never takes the duplicate fast path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support (the rig)
+
+from inference.dicomgen import make_ct_series
+from inference.geometry import Geometry
+from tests.support.gateway import GatewayProcess, write_config
+from tests.support.pacs import LOCALHOST, StoreSCP, storescu
+
+
+def write_series(directory: Path, slices: int, matrix: int, seed: int) -> list[Path]:
+    """A CT series of realistic size (uncompressed, 12-bit noise-like content)."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(40.0, 300.0, size=(slices, matrix, matrix)).astype(np.float32)
+    spacing = 250.0 / matrix
+    geometry = Geometry(affine=np.diag([1.0, spacing, spacing, 1.0]), shape=hu.shape)
+    paths = []
+    for k, ds in enumerate(make_ct_series(hu, geometry)):
+        path = directory / f"{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def timed_send(series: Path, port: int, aet: str) -> float:
+    start = time.perf_counter()
+    storescu([series], port, aet)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--no-fsync", dest="fsync", action="store_false", help="gateway.fsync off (diagnosis)"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        root = Path(tmp)
+        config = write_config(
+            root / "gw",
+            gateway={"quiet_period_s": 3600.0, "fsync": args.fsync},
+            destinations=[{"ae_title": "NOWHERE", "host": LOCALHOST, "port": 1}],
+        )
+        n = args.slices
+        mb = 0.0
+        results: dict[str, list[float]] = {"storescp": [], "gateway": []}
+        with (
+            StoreSCP(root / "storescp") as scp,
+            GatewayProcess(config) as gateway,
+        ):
+            scp.start()
+            for r in range(args.rounds):
+                for target in ("storescp", "gateway"):
+                    series = root / f"series-{target}-{r}"
+                    paths = write_series(series, n, args.matrix, seed=r)
+                    mb = sum(p.stat().st_size for p in paths) / 1e6
+                    if target == "storescp":
+                        seconds = timed_send(series, scp.port, scp.aet)
+                    else:
+                        seconds = timed_send(series, gateway.port, gateway.ae_title)
+                    results[target].append(n / seconds)
+                    print(
+                        f"round {r + 1} {target:9s} {n} instances ({mb:.0f} MB) in "
+                        f"{seconds:6.2f} s = {n / seconds:6.1f} instances/s",
+                        flush=True,
+                    )
+            gateway.check_alive()
+        dcmtk = statistics.median(results["storescp"])
+        ours = statistics.median(results["gateway"])
+        ratio = ours / dcmtk
+        print(
+            f"\ningest {n}×{args.matrix}² over one association (median of {args.rounds}): "
+            f"gateway {ours:.1f} instances/s, dcmtk storescp {dcmtk:.1f} instances/s, "
+            f"ratio {ratio:.2f} (target ≥ 0.50) {'OK' if ratio >= 0.5 else 'BELOW TARGET'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
