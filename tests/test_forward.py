@@ -134,6 +134,7 @@ def test_skip_sends_only_unconfirmed_instances(tmp_path: Path, orthanc: Orthanc)
     assert result.sent == 2
     assert result.confirmed == sop_uids(paths)
     assert orthanc.instance_count() == 2
+    assert orthanc.received_stores() == dict.fromkeys(sop_uids(paths[3:]), 1)
     # Nothing left to send: no association at all, everything confirmed.
     again = forward_series(paths, dest("ORTHANC", 1), FAST, skip=sop_uids(paths))
     assert again.sent == 0 and again.confirmed == sop_uids(paths)

@@ -7,9 +7,11 @@ explicitly: ``from tests.support.pacs import orthanc, storescp, tls_files``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -129,6 +131,17 @@ def c_echo(
 # ---------------------------------------------------------------------------------------------
 # Orthanc
 
+# Orthanc calls ReceivedInstanceFilter for every C-STORE, before it decides about duplicates.
+_COUNT_STORES_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if origin["RequestOrigin"] == "DicomProtocol" then
+    print("defacegate-rig C-STORE " .. dicom["SOPInstanceUID"])
+  end
+  return true
+end
+"""
+_STORE_LINE = re.compile(r"defacegate-rig C-STORE ([0-9.]+)")
+
 
 @dataclass
 class Orthanc:
@@ -144,11 +157,17 @@ class Orthanc:
     http_port: int = field(default_factory=free_port)
     config: dict[str, Any] = field(default_factory=dict)
     tls: TlsFiles | None = None
+    #: Log every received C-STORE (duplicates included) so tests can count deliveries.
+    count_stores: bool = True
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "orthanc.log"
 
     def allow_modality(self, aet: str, host: str = LOCALHOST, port: int = 104) -> None:
         """Declare a modality (needed when ``DicomAlwaysAllowStore`` is false)."""
@@ -189,6 +208,10 @@ class Orthanc:
                     "DicomTlsRemoteCertificateRequired": True,
                 }
             )
+        if self.count_stores:
+            script = self.root / "count_stores.lua"
+            script.write_text(_COUNT_STORES_LUA)
+            cfg["LuaScripts"] = [str(script)]
         cfg.update(self.config)
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(cfg, indent=2))
@@ -272,6 +295,12 @@ class Orthanc:
 
     def files(self) -> list[bytes]:
         return [self.instance_file(i) for i in self.instances()]
+
+    def received_stores(self) -> collections.Counter[str]:
+        """How many times each SOP Instance UID was received by C-STORE (all runs of this
+        Orthanc, duplicates included): shows whether a series was forwarded more than once."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return collections.Counter(m.group(1) for m in _STORE_LINE.finditer(text))
 
     def wait_for_instances(self, count: int, timeout: float) -> None:
         wait_for(lambda: self.instance_count() >= count, timeout, f"{count} instances in Orthanc")
