@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from gateway.config import DefaceSettings, DeidSettings, Settings
+from gateway.keys import safe_uid
 from inference.engines import FacemaskEngine
 from inference.geometry import Geometry
 from inference.replace import fill_value, replace_masked
@@ -43,7 +43,6 @@ Deidentify = Callable[[Dataset], Dataset]
 #: ``progress(stage, done, total)``: called as work advances (for a progress bar).
 Progress = Callable[[str, int, int], None]
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 STAGES = ("read", "assemble", "mask", "replace", "writeback", "deidentify", "write")
 
 
@@ -281,10 +280,10 @@ def process_series(
 
 
 def _uid_name(uid: object) -> str:
-    value = str(uid or "")
-    if not value or len(value) > 64 or not _UID.match(value):
-        raise ValueError("de-identified instance has no valid UID to name its file")
-    return value
+    try:
+        return safe_uid(str(uid or ""))
+    except ValueError:
+        raise ValueError("de-identified instance has no valid UID to name its file") from None
 
 
 def write_series(result: SeriesResult, directory: Path) -> int:
@@ -347,11 +346,12 @@ def deface_to_directory(
     if output.exists() and not overwrite:
         raise FileExistsError(f"output {output} already exists (use --overwrite)")
     random_key = False
+    profile = None
     if deidentify is None:
         key = None
         if settings.deid.key is None:
             key, random_key = secrets.token_bytes(32), True
-        deidentify = profile_from_settings(settings.deid, key)
+        deidentify = profile = profile_from_settings(settings.deid, key)
     inputs = [Path(input)] if isinstance(input, str | Path) else [Path(p) for p in input]
     volumes, timings = assemble_input(inputs, settings)  # reject before loading an engine
     if engine is None:
@@ -365,10 +365,15 @@ def deface_to_directory(
         results: list[SeriesResult] = []
         files = 0
         mask_files: list[str] = []
+        reid: list[Any] = []
         for i, volume in enumerate(volumes, start=1):
             label = f"series #{i} of {len(volumes)}"
             result = deface_volume(volume, engine, deid, settings, label=label, progress=progress)
             volume.hu = np.empty((0, 0, 0), np.float32)
+            if profile is not None and settings.deid.reid_lookup_path is not None:
+                from anonymizer import reid_record
+
+                reid.append(reid_record(volume.datasets[0], profile))
             if i == 1:
                 result.timings = {**timings, **result.timings}
             if progress is not None:
@@ -384,6 +389,11 @@ def deface_to_directory(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if reid and settings.deid.reid_lookup_path is not None:
+        from anonymizer import write_reid_records
+
+        # The lookup (PHI) goes only where the administrator configured it, after success.
+        write_reid_records(settings.deid.reid_lookup_path, reid)
     return Summary(
         output=output,
         engine=engine.name,
