@@ -114,7 +114,7 @@ class Spool:
                     _fsync_dir(directory.parent.parent)
             atomic_write(path, data, fsync=self.fsync)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise SpoolFullError(exc.errno, "spool disk full") from exc
             raise
         return outcome

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -51,20 +51,31 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class Context:
-    """What a job needs; built once per process from the settings."""
+    """What a job needs; built once per process from the settings.
+
+    ``engine`` returns the facemask engine (default: :func:`get_engine`, loaded once per
+    process); tests inject a small engine here instead of patching globals.
+    """
 
     settings: Settings
     spool: Spool
     store: StateStore
+    engine: Callable[[], FacemaskEngine] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Context:
+    def from_settings(
+        cls, settings: Settings, engine: Callable[[], FacemaskEngine] | None = None
+    ) -> Context:
         gw = settings.gateway
         return cls(
             settings=settings,
             spool=Spool(gw.spool_dir, fsync=gw.fsync, free_space_floor_mb=gw.free_space_floor_mb),
             store=StateStore(gw.state_path),
+            engine=engine,
         )
+
+    def get_engine(self) -> FacemaskEngine:
+        return self.engine() if self.engine is not None else get_engine(self.settings.deface)
 
 
 # -- the engine: loaded once per process ----------------------------------------------------
@@ -88,18 +99,27 @@ def get_engine(deface: DefaceSettings) -> FacemaskEngine:
         return engine
 
 
-def _deidentification_errors() -> tuple[type[BaseException], ...]:
+def _quarantine_errors() -> tuple[type[BaseException], ...]:
     from anonymizer import DeidentificationError
 
     return (SeriesError, FacemaskError, DeidentificationError)
 
 
-def deface_datasets(paths: Sequence[Path], settings: Settings) -> list[Dataset]:
-    """Run the offline pipeline on one spooled series; the defaced, de-identified instances."""
-    from gateway.pipeline import process_series, profile_from_settings
+def deface_datasets(ctx: Context, paths: Sequence[Path]) -> list[Dataset]:
+    """Run the offline pipeline on one spooled series; the defaced, de-identified instances.
 
-    engine = get_engine(settings.deface)
-    results = process_series(list(paths), engine, profile_from_settings(settings.deid), settings)
+    Raises the pipeline's original exception (unwrapped from its ``StageError``), so the
+    caller decides quarantine vs dead-letter by type.
+    """
+    from gateway.pipeline import StageError, process_series, profile_from_settings
+
+    settings = ctx.settings
+    try:
+        results = process_series(
+            list(paths), ctx.get_engine(), profile_from_settings(settings.deid), settings
+        )
+    except StageError as exc:
+        raise exc.error from None
     return [ds for result in results for ds in result.datasets]
 
 
@@ -140,10 +160,10 @@ def run_deface(ctx: Context, series_uid: str, generation: int, owner: str) -> Ou
         return Outcome.NOTHING_TO_DO
     started = time.monotonic()
     log.info("series %s job %d: defacing", lid, generation)
-    quarantine = _deidentification_errors()
+    quarantine = _quarantine_errors()
     with leased(store, series_uid, owner, _lease_interval(settings)):
         try:
-            datasets = deface_datasets(spool.instance_paths(series_uid), settings)
+            datasets = deface_datasets(ctx, spool.instance_paths(series_uid))
             if not datasets:
                 raise SeriesError("the pipeline produced no instance")
             if store.get(series_uid).generation != generation:

@@ -60,6 +60,32 @@ LOSSLESS_SYNTAXES = frozenset(
         RLELossless,
     }
 )
+#: Files with these extensions, found while scanning a directory, are not DICOM candidates.
+NON_DICOM_EXTENSIONS = frozenset(
+    {
+        ".json",
+        ".nii",
+        ".nii.gz",
+        ".gz",
+        ".npz",
+        ".npy",
+        ".txt",
+        ".md",
+        ".csv",
+        ".tsv",
+        ".xml",
+        ".html",
+        ".pdf",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".zip",
+        ".log",
+        ".yaml",
+        ".yml",
+        ".ini",
+    }
+)
 #: Orientation cosines closer than this are "the same orientation".
 ORIENTATION_TOLERANCE = 1e-3
 #: Slices whose positions along the normal differ by less than this (mm) are duplicates.
@@ -113,17 +139,27 @@ class _Frame:
 def load_datasets(paths: Sequence[Path | str]) -> list[Dataset]:
     """Read every file of ``paths`` (directories recursively), in sorted path order.
 
-    DICOMDIR files are skipped. Any other file that is not readable DICOM raises
+    DICOMDIR files are skipped, and so are files found in a directory whose extension marks
+    them as something else (``.json``, ``.nii.gz``, ``.txt``, ... — e.g. a phantom's ground
+    truth next to its series). Any other file that is not readable DICOM raises
     :class:`UnreadableFileError` naming the file by position, never by name.
     """
     files: list[Path] = []
+    skipped: Counter[str] = Counter()
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+            for f in sorted(f for f in p.rglob("*") if f.is_file()):
+                ext = "".join(f.suffixes[-2:]).lower() if f.suffixes else ""
+                if ext in NON_DICOM_EXTENSIONS or f.suffix.lower() in NON_DICOM_EXTENSIONS:
+                    skipped[f.suffix.lower()] += 1
+                else:
+                    files.append(f)
         elif p.is_file():
             files.append(p)
         else:
             raise UnreadableFileError(f"input #{len(files) + 1} does not exist")
+    if skipped:
+        log.warning("skipped non-DICOM files: %s", dict(skipped))
     out: list[Dataset] = []
     for i, f in enumerate(files, start=1):
         where = f"file #{i} of {len(files)}"

@@ -353,3 +353,14 @@ def test_missing_geometry_is_a_geometry_error():
     del dss[4].ImagePositionPatient
     with pytest.raises(GeometryError, match="instance #"):
         assemble_series(dss)
+
+
+def test_directory_scan_skips_files_marked_non_dicom_but_not_named_ones(tmp_path: Path):
+    hu, g, dss = _series()
+    save(dss, tmp_path / "dicom")
+    (tmp_path / "facemask.nii.gz").write_bytes(b"\x1f\x8b not dicom")
+    (tmp_path / "phantom.json").write_text("{}")
+    [v] = assemble(load_datasets([tmp_path]))
+    _assert_same(v, hu, g)
+    with pytest.raises(UnreadableFileError, match="file #1 of 1"):
+        load_datasets([tmp_path / "phantom.json"])  # named explicitly: must be DICOM

@@ -1,20 +1,73 @@
-"""`defacegate models`."""
+"""`defacegate models`: install and list trained nnU-Net facemask models.
+
+``models install ZIP_OR_DIR [--name NAME] [--force]`` validates an nnU-Net v2 results folder
+(or a zip of one, unpacked zip-slip safe) and copies it under ``deface.models_root``; it prints
+the installed training folder. ``models list`` shows what is installed and which one the
+nnU-Net engine would load. :func:`engine_from_settings` is how the pipeline builds the engine.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from gateway.config import Settings
+from gateway.config import DefaceSettings, Settings
+from inference.engines.nnunet import NnUNetEngine, NnUNetOptions
+from inference.errors import ModelError
+from inference.models import ModelInfo, install_model, list_models, resolve_model_dir
 
 NAME = "models"
-HELP = "models (not yet implemented)"
+HELP = "install or list trained nnU-Net facemask models (e.g. CTA-DEFACE)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs="*")
+    sub = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    inst = sub.add_parser("install", help="validate and install a model zip or folder")
+    inst.add_argument("source", type=Path, metavar="ZIP_OR_DIR")
+    inst.add_argument("--name", help="installed name (default: the DatasetXXX_Name folder)")
+    inst.add_argument("--force", action="store_true", help="replace an installed model")
+    sub.add_parser("list", help="list installed models")
+
+
+def engine_from_settings(deface: DefaceSettings) -> NnUNetEngine:
+    """Build the nnU-Net engine from ``deface.model_dir`` or the single installed model."""
+    training_dir = resolve_model_dir(deface.model_dir, deface.models_root)
+    return NnUNetEngine(
+        training_dir, NnUNetOptions(roi=deface.roi, tta=deface.tta, axes=deface.model_axes)
+    )
+
+
+def _describe(info: ModelInfo) -> str:
+    return (
+        f"{info.configuration}, label {info.face_label_name!r}={info.face_label}, "
+        f"patch {list(info.patch_size)}, spacing {list(info.spacing)} mm"
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    print("defacegate models: not yet implemented", file=sys.stderr)
-    return 3
+    root = settings.deface.models_root
+    try:
+        if args.models_command == "install":
+            info = install_model(args.source, root, name=args.name, force=args.force)
+            print(info.training_dir)
+            print(f"installed {info.name}: {_describe(info)}", file=sys.stderr)
+            return 0
+        entries = list_models(root)
+        if not entries:
+            print(f"no models installed under {root}", file=sys.stderr)
+            return 0
+        try:
+            active: Path | None = resolve_model_dir(settings.deface.model_dir, root)
+        except ModelError:
+            active = None
+        for path, info in entries:
+            if isinstance(info, ModelInfo):
+                mark = "*" if active == info.training_dir else " "
+                print(f"{mark} {path.name}\t{info.training_dir}\t{_describe(info)}")
+            else:
+                print(f"! {path.name}\tINVALID: {info}")
+        return 0
+    except ModelError as exc:
+        print(f"defacegate models: error: {exc}", file=sys.stderr)
+        return 1
