@@ -14,6 +14,7 @@ from anonymizer.deidentify import (
     _PATIENT_NAME,
     _STUDY_ID,
     _TEXT_VRS,
+    _single,
     resolve,
 )
 from anonymizer.profile import Profile
@@ -46,18 +47,19 @@ def _effect(rule: Rule, action: Action, vr: str) -> str:
         if vr == "SQ":
             return "rebuild items strictly"
         return "keyed 2.25 UID" if vr == "UI" else "dummy value"
-    # C
+    # C: where a value cannot be cleaned, the basic action applies (shown in brackets)
+    fallback = _effect(rule, _single(rule.basic, vr), vr)
     if vr == "SQ":
         return "rebuild items strictly"
     if vr in ("DA", "DT"):
-        return "shift by patient offset"
+        return f"shift by patient offset (else {fallback})"
     if vr == "TM":
         return "keep time of day"
     if vr == "CS":
         return "keep"
     if vr in _TEXT_VRS and vr not in ("AE", "UR"):
-        return "keep vocabulary words only"
-    return "basic action (cannot clean)"
+        return f"keep vocabulary words only (else {fallback})"
+    return fallback
 
 
 def describe(profile: Profile) -> list[str]:

@@ -110,7 +110,7 @@ class Table:
 
 def _parse_row(row: dict[str, str]) -> Rule:
     pattern = row["tag"].strip().upper()
-    name = row["name"].strip()
+    name = " ".join(row["name"].split())  # some names carry line breaks and notes
     try:
         basic = Action(row["basicProfile"].strip())
         options = tuple((opt, Action(row[opt.value].strip())) for opt in Option if opt.value in row)
