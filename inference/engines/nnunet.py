@@ -269,20 +269,26 @@ class NnUNetEngine:
         crop = hu if region is None else hu[region]
         if min(crop.shape) < 1:
             raise FacemaskError("face region is empty")
-        reo = reorientation(geometry, self.options.axes)
-        image = np.ascontiguousarray(reo.forward(crop), dtype=np.float32)[None]
-        # Spacing in the model array's axis order (SimpleITK convention: reversed NIfTI).
-        spacing = [float(physical_spacing(geometry)[a]) for a in reo.perm]
-        # A fresh dict per call: nnU-Net writes its bookkeeping into it.
-        properties: dict[str, Any] = {"spacing": spacing}
+        image, properties = self.model_input(crop, geometry)
         with contextlib.redirect_stdout(io.StringIO()):
             seg = self._predictor.predict_single_npy_array(image, properties, None, None, False)
+        reo = reorientation(geometry, self.options.axes)
         face_crop = reo.backward(np.asarray(seg) == self.info.face_label)
         if region is None:
             return np.ascontiguousarray(face_crop)
         out = np.zeros(hu.shape, dtype=bool)
         out[region] = face_crop
         return out
+
+    def model_input(
+        self, crop: np.ndarray, geometry: Geometry
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """What nnU-Net is given: a (1, *model axes) float32 array and a fresh properties dict
+        whose spacing is in the same axis order (nnU-Net writes bookkeeping into the dict)."""
+        reo = reorientation(geometry, self.options.axes)
+        image = np.ascontiguousarray(reo.forward(crop), dtype=np.float32)[None]
+        spacing = physical_spacing(geometry)
+        return image, {"spacing": [float(spacing[a]) for a in reo.perm]}
 
     # -- helpers --------------------------------------------------------------------------------
 

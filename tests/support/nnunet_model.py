@@ -47,7 +47,7 @@ class TinyModelSpec:
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
     features: tuple[int, ...] = (4, 8, 16)
     train_steps: int = 60
-    train_patch: tuple[int, int, int] = (32, 32, 32)
+    train_patch: tuple[int, int, int] = (24, 24, 24)
     seed: int = 0
     dataset_name: str = "Dataset999_TinyFace"
     labels: tuple[tuple[str, int], ...] = (("background", 0), ("face", 1))
