@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-stamp
-APT_PACKAGES := dcmtk dicom3tools orthanc
+APT_PACKAGES := dcmtk dicom3tools orthanc chromium
 
 .PHONY: demo test lint bench system-deps clean
 
@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,nnunet]'
 	touch $@
 
-# dcmtk (storescu/storescp), dicom3tools (dciodvfy), Orthanc (research PACS in e2e tests).
+# dcmtk (storescu/storescp), dicom3tools (dciodvfy), Orthanc (research PACS in e2e tests),
+# chromium (the dashboard test drives it with Playwright; no browser download).
 system-deps:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
+	    || ! test -x /usr/bin/chromium \
 	    || ! { command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc; }; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
