@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -213,6 +213,22 @@ class AuditSettings(_Section):
     )
 
 
+class AdminSettings(_Section):
+    """HTTP admin API, dashboard and Prometheus metrics (served by `defacegate serve`)."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Bind address; non-loopback requires a token.")
+    port: int = Field(8080, ge=0, le=65535, description="0 = ephemeral (tests).")
+    token: SecretStr | None = Field(None, description="Bearer token for /api and /metrics.")
+
+    @model_validator(mode="after")
+    def _token_when_exposed(self) -> AdminSettings:
+        loopback = self.host in ("127.0.0.1", "::1", "localhost")
+        if self.enabled and not loopback and self.token is None:
+            raise ValueError("admin.token is required when admin.host is not a loopback address")
+        return self
+
+
 class Settings(BaseSettings):
     """All configuration of defacegate. See config/defacegate.example.yaml."""
 
@@ -224,6 +240,9 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per line, for a log shipper."
+    )
     volume: VolumeSettings = VolumeSettings()
     deface: DefaceSettings = DefaceSettings()
     deid: DeidSettings = DeidSettings()
@@ -234,6 +253,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     celery: CelerySettings = CelerySettings()
     audit: AuditSettings = AuditSettings()
+    admin: AdminSettings = AdminSettings()
 
     @classmethod
     def settings_customise_sources(
