@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from gateway.config import load_settings
+from gateway.logs import configure_logging
 
 COMMANDS = (
     "deface",
@@ -50,9 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # invalid config is a user error: say what and stop
         print(f"defacegate: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     return int(modules[args.command].run(args, settings) or 0)  # type: ignore[attr-defined]
 
 
