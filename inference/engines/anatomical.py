@@ -1,0 +1,408 @@
+"""Anatomical facemask engine: classical, anatomy-driven, CPU only, no weights (the default).
+
+In the spirit of CTA-DEFACE's mask (not a rectangular prism): facial soft tissue from above
+the supraorbital ridge to below the chin, across the face including cheeks and the masseter
+region, is removed from the skin inwards to ``depth_mm`` and stopped by bone, plus everything
+anterior to the facial bones (nose, lips, eyelids). Objects outside the skin in the region
+(eye shields, glasses, tubes) are removed too and never act as bone.
+
+Method, on ~2 mm grids (full resolution is only touched to upsample the result):
+
+1. :mod:`inference.engines.landmarks` finds the eye globes and the chin and builds the *face
+   frame* (superior, anterior, left of the head itself, so yaw/pitch/roll and gantry tilt
+   are handled).
+2. The volume is resampled into a face-aligned grid. There:
+
+   * **protected** = voxels from which every axis-aligned ray meets bone (or the edge of the
+     field of view) before the air around the head: the cranial cavity (brain, intracranial
+     vessels) and closed sinuses. Dilated by one voxel, it is subtracted from everything.
+   * **depth**: geodesic reach from the outside air through non-bone voxels (so bone stops
+     it), limited by the Euclidean depth below the skin ``depth_mm`` ± a smooth random field
+     (the cut surface is irregular, not a cast of the face).
+   * **anterior**: everything in front of the *facial-bone front* — per column along the
+     anterior axis the first bone within 35 mm of the skin, median-filtered and filled across
+     gaps (open mouth, nostrils, dental streaks) — so thick soft tissue in front of bone goes
+     whatever its depth.
+   * **region**: above the chin minus a margin, below the supraorbital ridge plus a forehead
+     margin, anterior to a coronal plane in front of the ears (behind them with
+     ``include_ears``), each bound perturbed by a smooth random field.
+3. These are combined as signed fields in mm, upsampled trilinearly to the original grid in
+   slabs (sub-voxel, smooth surfaces) and refined with the full-resolution HU: voxels at or
+   above 250 HU are kept where bone is kept (``bone="keep"``), while in front of the facial-bone
+   front and in the ``smooth``/``remove`` zones they go too.
+
+All arrays are float32/bool; peak memory is about the input plus a few hundred MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from inference.engines.landmarks import (
+    AIR_HU,
+    BONE_HU,
+    BONE_MAX_HU,
+    WORK_MM,
+    Coarse,
+    FaceLandmarks,
+    Grid,
+    PatientView,
+    first_label,
+    frame_grid,
+    locate,
+    resample,
+    valid_region,
+)
+from inference.errors import FacemaskError
+from inference.geometry import Geometry
+
+# Region bounds in the face frame (mm, relative to the midpoint of the eye globes).
+#: Top of the region: above the supraorbital ridge and the frontal sinus (~30 mm).
+TOP_MM = 45.0
+#: Bottom of the region below the menton.
+BELOW_CHIN_MM = 4.0
+#: Posterior bound: in front of the temporo-mandibular joints (porion is ~70 mm behind the
+#: globe centres), so the masseter region is included.
+POSTERIOR_MM = 58.0
+#: Lateral bound (medial to the ears; bizygomatic half-width is ~65–70 mm).
+LATERAL_MM = 72.0
+#: Posterior bound and height range (s) of the ear extension.
+EARS_POSTERIOR_MM = 110.0
+EARS_S_MM = (-70.0, 25.0)
+#: How far behind the skin the facial-bone front is searched, mm.
+FRONT_SEARCH_MM = 35.0
+#: Largest gap across which the bone front is filled in (open mouth, nostrils), mm.
+FRONT_FILL_MM = 30.0
+#: Amplitude (sd) of the smooth random perturbation of depth and region bounds, mm.
+IRREGULAR_MM = 4.0
+#: Correlation length of that perturbation, mm.
+IRREGULAR_SCALE_MM = 14.0
+#: Bone is only modified (smooth/remove) below this height: the skull vault is never touched.
+BROW_MM = 15.0
+#: Margin kept between modified bone and the protected (intracranial) set, mm.
+BONE_SAFETY_MM = 6.0
+#: Shell thickness range removed by ``bone="smooth"``, mm.
+SMOOTH_SHELL_MM = (2.0, 7.0)
+#: Enamel/dentine level used to find the front of the teeth, HU.
+TOOTH_HU = 1500.0
+#: Full-resolution slabs processed at a time when upsampling.
+_SLAB = 16
+_CLIP = 4.0
+
+
+@dataclass(frozen=True)
+class AnatomicalOptions:
+    """How much of the face goes. Defaults: CTA-DEFACE parity (soft tissue only)."""
+
+    bone: Literal["keep", "smooth", "remove"] = "keep"
+    include_ears: bool = False
+    depth_mm: float = 28.0
+    #: Maximum thickness of a random band added at the cut surface (thickness per place
+    #: uniform in [band/3, band]: 3.0 gives the 1–3 mm band); 0 = off.
+    surface_band_mm: float = 0.0
+    #: Seed of every random part (deterministic).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bone not in ("keep", "smooth", "remove"):
+            raise ValueError(f"bone must be keep, smooth or remove, got {self.bone!r}")
+        if not 10.0 <= self.depth_mm <= 60.0:
+            raise ValueError(f"depth_mm must be within 10–60 mm, got {self.depth_mm}")
+        if not 0.0 <= self.surface_band_mm <= 6.0:
+            raise ValueError(f"surface_band_mm must be within 0–6 mm, got {self.surface_band_mm}")
+
+
+@dataclass(frozen=True)
+class FaceFields:
+    """The engine's result on the face grid, before upsampling (exposed for tests/QA)."""
+
+    grid: Grid
+    #: Signed field, mm: > 0 where voxels go (before the full-resolution bone rule).
+    inside: np.ndarray
+    #: True where bone (≥ 250 HU at full resolution) is kept even inside ``inside``.
+    keep_bone: np.ndarray
+    #: Cranial cavity and closed sinuses (never masked), dilated by one voxel.
+    protected: np.ndarray
+    landmarks: FaceLandmarks
+
+
+class AnatomicalEngine:
+    """Facemask from anatomy; satisfies :class:`inference.engines.FacemaskEngine`."""
+
+    name = "anatomical"
+
+    def __init__(self, options: AnatomicalOptions | None = None) -> None:
+        self.options = options or AnatomicalOptions()
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """Boolean facemask of ``hu.shape``; FacemaskError when the face is not found."""
+        lm, coarse, pview = locate(hu, geometry)
+        fields = face_fields(lm, coarse, pview, self.options)
+        return upsample_mask(fields, hu, geometry)
+
+
+def face_region(
+    hu: np.ndarray, geometry: Geometry, margin_mm: float = 15.0
+) -> tuple[slice, slice, slice]:
+    """Index-space box (k, r, c slices) around the face region plus ``margin_mm``.
+
+    Cheap (landmarks on a 2 mm grid); used by the nnU-Net engine to crop its input.
+    Raises FacemaskError when the face cannot be found.
+    """
+    lm, _, _ = locate(hu, geometry)
+    lo = np.array([lm.chin_s - BELOW_CHIN_MM - 10.0, -POSTERIOR_MM - 10.0, -95.0]) - margin_mm
+    hi = np.array([TOP_MM + 10.0, 80.0, 95.0]) + margin_mm
+    corners = np.array(
+        [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    )
+    idx = geometry.patient_to_index(lm.to_patient(corners))
+    a = np.clip(np.floor(idx.min(0)), 0, np.asarray(hu.shape)).astype(int)
+    b = np.clip(np.ceil(idx.max(0)) + 1, 0, np.asarray(hu.shape)).astype(int)
+    if np.any(b <= a):
+        raise FacemaskError("face region lies outside the volume")
+    return slice(a[0], b[0]), slice(a[1], b[1]), slice(a[2], b[2])
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Smooth random field with zero mean and unit sd (correlation ~IRREGULAR_SCALE_MM)."""
+    z = ndimage.gaussian_filter(
+        rng.standard_normal(shape).astype(np.float32),
+        IRREGULAR_SCALE_MM / WORK_MM / 2.0,
+        mode="wrap",
+    )
+    return (z - z.mean()) / max(float(z.std()), 1e-6)
+
+
+def _bone_front(bone: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """Per (s, l) column, index along a (axis 1) of the first bone within
+    FRONT_SEARCH_MM of the skin, seen from the front; gaps filled from neighbours up to
+    FRONT_FILL_MM, median-filtered (dental streaks); -inf-like (−1e3) where undefined."""
+    na = bone.shape[1]
+    ar = np.arange(na)[None, :, None]
+    has_skin = filled.any(axis=1)
+    skin = na - 1 - np.argmax(filled[:, ::-1, :], axis=1)
+    near = bone & (ar >= (skin - FRONT_SEARCH_MM / WORK_MM)[:, None, :]) & has_skin[:, None, :]
+    has = near.any(axis=1)
+    front = (na - 1 - np.argmax(near[:, ::-1, :], axis=1)).astype(np.float32)
+    if not has.any():
+        return np.full(has.shape, -1e3, np.float32)
+    dist, (ii, jj) = ndimage.distance_transform_edt(~has, return_indices=True)
+    front = front[ii, jj]
+    front = ndimage.median_filter(front, size=3)
+    front[(dist * WORK_MM > FRONT_FILL_MM) | ~has_skin] = -1e3
+    return front
+
+
+def _surface_bone(bone: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """Bone-dense components lying on the skin (eye shields, glasses, jewellery): small
+    and mostly within 4 mm of the outside air. They are foreign objects, never bone."""
+    lab, n = ndimage.label(bone, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros_like(bone)
+    near = ndimage.binary_dilation(outside, iterations=2)
+    ids = np.arange(1, n + 1)
+    frac = np.asarray(ndimage.mean(near, lab, ids))
+    size = np.bincount(lab.ravel(), minlength=n + 1)[1:] * WORK_MM**3
+    bad = ids[(frac > 0.6) & (size < 15000.0)]
+    return np.isin(lab, bad)
+
+
+def _protected(bone: np.ndarray, escape: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Voxels enclosed by bone: every axis ray meets bone (dilated by one voxel to close
+    thin-bone gaps) or the edge of the field of view before reaching ``escape``."""
+    lab = np.zeros(bone.shape, np.uint8)
+    lab[escape] = 2
+    lab[~valid] = 1
+    lab[ndimage.binary_dilation(bone)] = 1
+    enclosed = ~bone & valid
+    for axis in range(3):
+        for forward in (True, False):
+            enclosed &= first_label(lab, axis, forward) != 2
+    return ndimage.binary_dilation(enclosed)
+
+
+def face_fields(
+    lm: FaceLandmarks, coarse: Coarse, pview: PatientView, opts: AnatomicalOptions
+) -> FaceFields:
+    """Compute the facemask as signed fields on a face-aligned 2 mm grid."""
+    chin = lm.chin_s
+    post = EARS_POSTERIOR_MM if opts.include_ears else POSTERIOR_MM
+    lo = np.array([chin - BELOW_CHIN_MM - 3 * IRREGULAR_MM - 10.0, -post - 50.0, -110.0])
+    hi = np.array([TOP_MM + 3 * IRREGULAR_MM + 20.0, 90.0, 110.0])
+    grid = frame_grid(lm.axes, lo, hi, lm.centre)
+    mean = resample(coarse.mean, coarse.grid, grid, cval=-1000.0)
+    peak = resample(coarse.peak, coarse.grid, grid, cval=-1000.0)
+    valid = valid_region(coarse.grid, grid)
+    body = resample(pview.body, pview.grid, grid) > 0.5
+    filled = (resample(pview.filled, pview.grid, grid) > 0.5) | body
+
+    outside = valid & ~filled
+    foreign = valid & (mean > AIR_HU) & ~body
+    bone = body & ((mean >= BONE_HU) | (peak >= BONE_MAX_HU))
+    surf = _surface_bone(bone, outside)
+    bone &= ~surf
+    foreign |= surf
+    seeds = outside | foreign
+    protected = _protected(bone, seeds, valid)
+
+    rng = np.random.default_rng(opts.seed)
+    ns, na, nl = grid.shape
+    s = (lo[0] + WORK_MM * np.arange(ns, dtype=np.float32))[:, None, None]
+    a = (lo[1] + WORK_MM * np.arange(na, dtype=np.float32))[None, :, None]
+    lat = (lo[2] + WORK_MM * np.arange(nl, dtype=np.float32))[None, None, :]
+    ai = np.arange(na, dtype=np.float32)[None, :, None]
+
+    # Skin-inwards depth, stopped by bone (geodesic reach) and by the protected set.
+    jitter = _smooth_noise(rng, (ns, nl))[:, None, :] * np.float32(IRREGULAR_MM)
+    np.clip(jitter, -1.5 * IRREGULAR_MM, 1.5 * IRREGULAR_MM, out=jitter)
+    allowed = valid & ~bone & ~protected
+    reach = seeds.copy()
+    n_iter = int(np.ceil((opts.depth_mm + 1.5 * IRREGULAR_MM + opts.surface_band_mm) / WORK_MM))
+    st6 = ndimage.generate_binary_structure(3, 1)
+    st18 = ndimage.generate_binary_structure(3, 2)
+    for i in range(n_iter + 1):
+        reach = ndimage.binary_dilation(reach, st18 if i % 2 else st6, mask=allowed)
+    reach |= ndimage.binary_dilation(reach, st6) & bone & ~protected
+    depth = ndimage.distance_transform_edt(~seeds, sampling=WORK_MM).astype(np.float32)
+    # Nor behind bone seen from the front. Bone-dense specks in front of the (robust)
+    # facial-bone front - dental streaks, calcifications - do not block.
+    front = _bone_front(bone, filled)
+    solid = bone & (ai <= front[:, None, :] + 1.0)
+    behind = np.logical_or.accumulate(solid[:, ::-1, :], axis=1)[:, ::-1, :]
+    reach &= ~behind | bone
+    dfield = np.where(reach, opts.depth_mm + jitter - depth, -_CLIP).astype(np.float32)
+
+    # Everything in front of the facial-bone front.
+    afield = ((ai - front[:, None, :]) * WORK_MM - WORK_MM / 2).astype(np.float32)
+    np.clip(afield, -_CLIP, _CLIP, out=afield)
+
+    # Region bounds, each perturbed.
+    top = TOP_MM + IRREGULAR_MM * _smooth_noise(rng, (na, nl))[None] - s
+    bottom = s - (chin - BELOW_CHIN_MM + IRREGULAR_MM * _smooth_noise(rng, (na, nl))[None])
+    back = a - (-POSTERIOR_MM + IRREGULAR_MM * _smooth_noise(rng, (ns, nl))[:, None, :])
+    if opts.include_ears:
+        ears = (s >= EARS_S_MM[0]) & (s <= EARS_S_MM[1])
+        back = np.where(ears, a + EARS_POSTERIOR_MM, back)
+    region = np.minimum(np.minimum(top, bottom), back)
+    if not opts.include_ears:
+        side = LATERAL_MM + IRREGULAR_MM * _smooth_noise(rng, (ns, na))[:, :, None] - np.abs(lat)
+        region = np.minimum(region, side)
+    region = region.astype(np.float32)
+
+    # Bone handling: which bone (>= 250 HU at full resolution) stays.
+    keep_bone = ai <= front[:, None, :] + 1.0
+    keep_bone = np.broadcast_to(keep_bone, grid.shape).copy()
+    bfield = np.full(grid.shape, -_CLIP, np.float32)
+    if opts.bone != "keep":
+        safe = ~ndimage.binary_dilation(protected, iterations=int(BONE_SAFETY_MM / WORK_MM))
+        zone = bone & safe & (region > 0) & (s <= BROW_MM)
+        if opts.bone == "remove":
+            plane = _removal_plane(front, peak, bone, s, a, lo, chin)
+            cut = zone & (a > plane)
+        else:
+            u = _smooth_noise(rng, (ns, nl))
+            shell = SMOOTH_SHELL_MM[0] + (SMOOTH_SHELL_MM[1] - SMOOTH_SHELL_MM[0]) * (
+                0.5 + 0.5 * np.tanh(u)
+            )
+            cut = zone & ((front[:, None, :] - ai) * WORK_MM < shell[:, None, :])
+        keep_bone &= ~cut
+        bfield[cut] = _CLIP
+
+    np.clip(dfield, -_CLIP, _CLIP, out=dfield)
+    inside = np.maximum(np.maximum(dfield, afield), bfield)
+    if opts.surface_band_mm > 0:
+        band = rng.uniform(opts.surface_band_mm / 3, opts.surface_band_mm, grid.shape)
+        inside += ndimage.gaussian_filter(band.astype(np.float32), 0.7)
+    np.minimum(inside, np.clip(region, -_CLIP, _CLIP), out=inside)
+    inside[protected] = -_CLIP
+    inside[~valid] = -_CLIP
+    return FaceFields(grid, inside, keep_bone, protected, lm)
+
+
+def _removal_plane(
+    front: np.ndarray,
+    peak: np.ndarray,
+    bone: np.ndarray,
+    s: np.ndarray,
+    a: np.ndarray,
+    lo: np.ndarray,
+    chin: float,
+) -> np.ndarray:
+    """Anterior-axis position (mm) per height s of the plane in front of which facial bone
+    goes with ``bone="remove"``: the front of the lateral orbital rims above the nose, the
+    front of the teeth at the mouth, blended linearly in between."""
+    sv = s[:, 0, 0]
+    lv = lo[2] + WORK_MM * np.arange(front.shape[1])
+    rows = (sv >= -15.0) & (sv <= 10.0)
+    cols = (np.abs(lv) >= 35.0) & (np.abs(lv) <= 55.0)
+    f = front[np.ix_(rows, cols)]
+    f = f[f > -1e2]
+    orbit = lo[1] + WORK_MM * float(np.median(f)) if f.size else 0.0
+    av = a[0, :, 0]
+    teeth_rows = (sv >= chin + 15.0) & (sv <= -40.0)
+    mid = np.abs(lv) <= 25.0
+    t = (peak >= TOOTH_HU) & bone
+    t = t[np.ix_(teeth_rows, np.ones(len(av), bool), mid)]
+    idx = np.argwhere(t)
+    teeth = float(av[idx[:, 1]].max()) - 4.0 if len(idx) else orbit
+    w = np.clip((sv - (-50.0)) / 15.0, 0.0, 1.0)  # 0 at the mouth, 1 above the nose base
+    return (teeth + (orbit - teeth) * w)[:, None, None].astype(np.float32)
+
+
+def upsample_mask(fields: FaceFields, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Full-resolution boolean mask: trilinear upsampling of the signed field in slabs,
+    refined with the full-resolution HU (bone kept where ``keep_bone``; outside air is not
+    part of the mask)."""
+    mask = np.zeros(hu.shape, dtype=bool)
+    near = np.argwhere(fields.inside > -WORK_MM)
+    if len(near) == 0:
+        return mask
+    glo, ghi = near.min(0) - 1, near.max(0) + 1
+    corners = np.array(
+        [[x, y, z] for x in (glo[0], ghi[0]) for y in (glo[1], ghi[1]) for z in (glo[2], ghi[2])],
+        dtype=float,
+    )
+    idx = geometry.patient_to_index(fields.grid.to_patient(corners))
+    shape = np.asarray(hu.shape)
+    lo = np.clip(np.floor(idx.min(0)).astype(int) - 1, 0, shape)
+    hi = np.clip(np.ceil(idx.max(0)).astype(int) + 2, 0, shape)
+    m = np.linalg.inv(fields.grid.affine) @ geometry.affine
+    keep = fields.keep_bone.astype(np.float32)
+    out_rc = (int(hi[1] - lo[1]), int(hi[2] - lo[2]))
+    for k0 in range(int(lo[0]), int(hi[0]), _SLAB):
+        k1 = min(k0 + _SLAB, int(hi[0]))
+        off = m[:3, :3] @ np.array([k0, lo[1], lo[2]], float) + m[:3, 3]
+        f = ndimage.affine_transform(
+            fields.inside,
+            m[:3, :3],
+            offset=off,
+            output_shape=(k1 - k0, *out_rc),
+            order=1,
+            mode="constant",
+            cval=-_CLIP,
+            prefilter=False,
+            output=np.float32,
+        )
+        sub = f > 0
+        if not sub.any():
+            continue
+        kb = ndimage.affine_transform(
+            keep,
+            m[:3, :3],
+            offset=off,
+            output_shape=(k1 - k0, *out_rc),
+            order=0,
+            mode="constant",
+            cval=1.0,
+            prefilter=False,
+            output=np.float32,
+        )
+        h = hu[k0:k1, lo[1] : hi[1], lo[2] : hi[2]]
+        sub &= h > AIR_HU
+        sub &= ~((h >= BONE_HU) & (kb > 0.5))
+        mask[k0:k1, lo[1] : hi[1], lo[2] : hi[2]] = sub
+    return mask
