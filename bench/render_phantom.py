@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--tilt", type=float, default=0.0)
     ap.add_argument("--fov", choices=("head", "head_neck"), default="head_neck")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--upsample", type=int, default=1)
+    ap.add_argument("--upsample", type=int, default=0)
     args = ap.parse_args()
 
     t0 = time.perf_counter()

@@ -206,7 +206,9 @@ class AuditSettings(_Section):
         (-30.0, 0.0, 30.0), min_length=1, description="View angles about superior, degrees."
     )
     iso_hu: float = Field(-400.0, ge=-700.0, le=-200.0, description="Skin iso-surface, HU.")
-    upsample: int = Field(1, ge=0, le=2, description="dlib detector pyramid upsampling.")
+    upsample: int = Field(
+        0, ge=0, le=2, description="dlib HOG pyramid upsampling (renders show ~250 px faces)."
+    )
     min_mask_ml: float = Field(20.0, ge=0.0, description="Smaller facemask → implausible.")
     max_brain_overlap_ml: float = Field(
         1.0, ge=0.0, description="Mask volume inside the intracranial space → implausible."

@@ -71,7 +71,7 @@ class AuditOptions:
     render_size: int = 512
     yaws: Sequence[float] = (-30.0, 0.0, 30.0)
     iso_hu: float = SKIN_HU
-    upsample: int = 1
+    upsample: int = 0
     min_mask_ml: float = 20.0
     max_brain_overlap_ml: float = 1.0
 
