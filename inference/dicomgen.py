@@ -40,6 +40,14 @@ def hu_to_stored(
     return np.clip(values, lo, hi).astype(dtype)
 
 
+def _type2_defaults(ds: Dataset) -> None:
+    """Attributes the CT IODs require (PS3.3 A.3, A.38) unless the header template has them."""
+    ds.setdefault("SeriesNumber", 1)
+    ds.setdefault("AcquisitionNumber", 1)
+    ds.setdefault("PatientPosition", "HFS")
+    ds.setdefault("PositionReferenceIndicator", "")
+
+
 def make_ct_series(
     hu: np.ndarray,
     geometry: Geometry,
@@ -87,6 +95,7 @@ def make_ct_series(
         ds.Modality = "CT"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = order[k] + 1
+        _type2_defaults(ds)
         if geometry.slice_origins is not None:
             ipp = geometry.slice_origins[k]
         else:
@@ -156,6 +165,7 @@ def make_enhanced_ct(
     ds.Modality = "CT"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.InstanceNumber = 1
+    _type2_defaults(ds)
     ds.ContentQualification = "PRODUCT"
     ds.BurnedInAnnotation = "NO"
     ds.SamplesPerPixel = 1

@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 the input was rejected or a stage failed (nothing written)
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             "(pseudonyms will differ between runs)",
             file=sys.stderr,
         )
+    # highdicom logs every module it copies into a SEG at INFO: not useful on a terminal.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     show_progress = sys.stderr.isatty()
     progress_ctx: Any = nullcontext(None)
     if show_progress:
@@ -117,12 +120,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 progress=callback,
             )
     except StageError as exc:
-        if _known_error(exc.error):
-            return _fail(f"{exc.label}: {exc.stage}: {exc.error}", 1)
-        # Unexpected: the message may quote header values, so only the type is shown.
-        return _fail(
-            f"{exc.label}: {exc.stage} failed unexpectedly ({type(exc.error).__name__})", 1
+        where = (
+            f"{exc.stage} failed" if exc.label == "input" else f"{exc.label}: {exc.stage} failed"
         )
+        if _known_error(exc.error):
+            return _fail(f"{where}: {exc.error}", 1)
+        # Unexpected: the message may quote header values, so only the type is shown.
+        return _fail(f"{where} unexpectedly ({type(exc.error).__name__})", 1)
     except FileExistsError:
         return _fail(f"output {args.output} already exists (use --overwrite)", 2)
     if args.json:
