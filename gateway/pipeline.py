@@ -286,11 +286,13 @@ def _uid_name(uid: object) -> str:
         raise ValueError("de-identified instance has no valid UID to name its file") from None
 
 
-def write_series(result: SeriesResult, directory: Path) -> int:
+def write_series(result: SeriesResult, directory: Path, *, progress: Progress | None = None) -> int:
     """Write the instances of ``result`` into ``directory/<new series UID>/<new SOP UID>.dcm``."""
     series_dir = directory / _uid_name(result.series_uid)
     series_dir.mkdir(parents=True, exist_ok=False)
-    for ds in result.datasets:
+    for i, ds in enumerate(result.datasets, start=1):
+        if progress is not None:
+            progress(f"{result.label}: write", i, len(result.datasets))
         meta = ds.file_meta
         # The file meta must name the *new* instance, never the original one.
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -376,10 +378,8 @@ def deface_to_directory(
                 reid.append(reid_record(volume.datasets[0], profile))
             if i == 1:
                 result.timings = {**timings, **result.timings}
-            if progress is not None:
-                progress(f"{label}: write", 0, 1)
             with _stage("write", label, result.timings):
-                files += write_series(result, tmp)
+                files += write_series(result, tmp, progress=progress)
                 if save_mask or save_mask_nifti:
                     mask_files += _write_masks(
                         result, tmp, seg=save_mask, nifti=save_mask_nifti, engine=engine.name
