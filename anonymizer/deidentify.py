@@ -28,13 +28,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
+from pydicom import config
 from pydicom.datadict import dictionary_description, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from anonymizer import pseudonym
@@ -190,6 +193,42 @@ def _vr_of(elem: DataElement | RawDataElement) -> str:
         return "UN"
 
 
+# VRs whose single value pydicom keeps as a plain ``str``: no conversion needed.
+_STR_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "UR", "AE", "CS", "UI", "DA", "DT", "TM"})
+
+
+def _elem(tag: int, vr: str, value: Any) -> DataElement:
+    """A new element from our own value: no validation or conversion beyond what is needed.
+
+    Both cost per element per instance, and the header stage must do ≥ 1,000 instances/s.
+    """
+    if isinstance(value, str) and vr in _STR_VRS:
+        return DataElement(tag, vr, value, already_converted=True, validation_mode=config.IGNORE)
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
+
+
+def _put(ds: Dataset, tag: int, elem: DataElement | RawDataElement) -> None:
+    """``ds[tag] = elem`` for a new, public, non-sequence element in a new dataset.
+
+    ``Dataset.__setitem__`` re-derives the tag and handles private creators, pixel-data caches
+    and nested pixel representation; none applies here, and it is a fifth of the stage's time.
+    Sequences and private elements still go through it.
+    """
+    if (tag >> 16) & 1 or elem.VR == "SQ":
+        ds[tag] = elem
+    else:
+        ds._dict[BaseTag(tag)] = elem
+
+
+def _ascii_values(raw: DataElement | RawDataElement) -> list[str]:
+    """Values of an ASCII-only VR (UI, DA, DT) without pydicom's full conversion."""
+    if isinstance(raw, RawDataElement):
+        data = raw.value or b""
+        text = data.decode("ascii", "replace").strip("\x00 ")
+        return [v.strip("\x00 ") for v in text.split("\\")] if text else []
+    return _strings(raw.value)
+
+
 def _strings(value: Any) -> list[str]:
     if value is None:
         return []
@@ -206,9 +245,20 @@ def _describe_value(value: Any) -> str:
     return f"<{len(values)} value{'s' if len(values) > 1 else ''}, {n} chars>"
 
 
+_RESOLVED: dict[tuple[str, str, str], tuple[Action, str]] = {}
+
+
 def resolve(rule: Rule, profile: Profile, vr: str) -> tuple[Action, str]:
     """The single action applied to ``rule`` under ``profile`` (and a label naming why)."""
-    chosen = [rule.option_action(o) for o in profile.options]
+    key = (profile.options_key, rule.pattern, vr)  # strings: cheap to hash, per element
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _resolve(rule, profile.options, vr)
+    return found
+
+
+def _resolve(rule: Rule, options: tuple[Option, ...], vr: str) -> tuple[Action, str]:
+    chosen = [rule.option_action(o) for o in options]
     from_options = [a for a in chosen if a is not None]
     code = rule.basic
     label = code.value
@@ -311,7 +361,7 @@ class _Run:
             creator_tag = (group << 16) | (element >> 8)
             keep = (element & 0xFF) in safe_blocks.get(creator_tag, frozenset())
         if keep:
-            out[tag] = self._copy(src, raw)
+            _put(out, tag, self._copy(src, raw))
             self._note(path, tag, "Private", "safe private allow-list", Effect.KEPT)
         else:
             self._note(path, tag, "Private", self.table.private.basic.value, Effect.REMOVED)
@@ -322,10 +372,13 @@ class _Run:
             return raw
         value = raw.value
         if isinstance(value, Sequence):
-            value = Sequence([_deep_item(item) for item in value])
-        elif isinstance(value, MultiValue):
-            value = list(value)
-        return DataElement(raw.tag, raw.VR, value)
+            return _elem(raw.tag, raw.VR, Sequence([_deep_item(item) for item in value]))
+        if isinstance(value, MultiValue):
+            return _elem(raw.tag, raw.VR, list(value))
+        # Scalars (str, bytes, numbers, PersonName) are immutable: share them as converted.
+        return DataElement(
+            raw.tag, raw.VR, value, already_converted=True, validation_mode=config.IGNORE
+        )
 
     # -- unlisted ----------------------------------------------------------------------------
     def _unlisted(
@@ -338,7 +391,7 @@ class _Run:
         strict: bool,
         path: str,
     ) -> None:
-        name = _name(tag)
+        name = _name(tag) if self.decisions is not None else ""
         group = tag >> 16
         if 0x6000 <= group <= 0x60FF:
             self._note(path, tag, name, "overlay group (with 60xx,3000)", Effect.REMOVED)
@@ -347,16 +400,15 @@ class _Run:
             self._sequence(src, out, tag, strict, path, name, "unlisted sequence")
             return
         if vr == "UI":
-            elem = src[tag]
-            values = _strings(elem.value)
-            if all(v.strip("\x00 ") in UID_dictionary or not v for v in values):
-                out[tag] = self._copy(src, raw)
+            values = _ascii_values(raw)
+            if all(v in UID_dictionary or not v for v in values):
+                _put(out, tag, self._copy(src, raw))
                 self._note(path, tag, name, "unlisted well-known UID", Effect.KEPT)
             else:
-                self._uid(out, tag, elem.value, name, "unlisted instance UID: U", path)
+                self._uid(out, tag, values, name, "unlisted instance UID: U", path)
             return
         if vr in _NUMERIC_VRS:
-            out[tag] = self._copy(src, raw)
+            _put(out, tag, self._copy(src, raw))
             self._note(path, tag, name, "unlisted numeric/coded", Effect.KEPT)
             return
         if strict and vr in _DATE_VRS | _TEXT_VRS | {"PN", "AS"}:
@@ -371,7 +423,7 @@ class _Run:
                 self._note(path, tag, name, "unlisted date/time: X", Effect.REMOVED)
             return
         if vr in _TEXT_VRS and not strict and keyword_for_tag(tag) in SAFE_TEXT:
-            out[tag] = self._copy(src, raw)
+            _put(out, tag, self._copy(src, raw))
             self._note(path, tag, name, "unlisted safe text", Effect.KEPT)
             return
         self._note(path, tag, name, f"unlisted {vr}: X", Effect.REMOVED)
@@ -397,27 +449,27 @@ class _Run:
             if vr == "SQ":
                 self._sequence(src, out, tag, strict, path, name, label)
             else:
-                out[tag] = self._copy(src, raw)
+                _put(out, tag, self._copy(src, raw))
                 self._note(path, tag, name, label, Effect.KEPT)
         elif action is Action.U:
             if vr == "SQ":
                 self._sequence(src, out, tag, strict, path, name, label)
             else:
-                self._uid(out, tag, src[tag].value, name, label, path)
+                self._uid(out, tag, _ascii_values(raw), name, label, path)
         elif action is Action.C:
             self._clean(src, out, raw, tag, vr, rule, label, strict, path)
         elif action is Action.Z:
             if vr == "SQ":
-                out[tag] = DataElement(tag, "SQ", Sequence())
+                _put(out, tag, _elem(tag, "SQ", Sequence()))
                 self._note(path, tag, name, label, Effect.EMPTIED)
             elif not self._pseudonym(src, out, tag, vr, name, label, path):
-                out[tag] = DataElement(tag, vr, None)
+                _put(out, tag, _elem(tag, vr, None))
                 self._note(path, tag, name, label, Effect.EMPTIED)
         elif action is Action.D:
             if vr == "SQ":
                 self._sequence(src, out, tag, True, path, name, label)
             elif vr == "UI":
-                self._uid(out, tag, src[tag].value, name, label, path)
+                self._uid(out, tag, _ascii_values(raw), name, label, path)
             elif not self._pseudonym(src, out, tag, vr, name, label, path):
                 self._dummy(out, tag, vr, name, label, path)
         else:  # pragma: no cover - _single() leaves only single codes
@@ -462,14 +514,15 @@ class _Run:
             if not self._clean_date(src, out, raw, tag, vr, name, label, path, rule):
                 self._fallback(src, out, raw, tag, vr, rule, label, strict, path)
         elif vr == "CS":
-            out[tag] = self._copy(src, raw)
+            _put(out, tag, self._copy(src, raw))
             self._note(path, tag, name, label, Effect.KEPT)
         elif vr in _TEXT_VRS and vr != "AE" and vr != "UR":
             values = _strings(src[tag].value)
             cleaned = [clean_text(v) for v in values]
             if values and all(cleaned):
-                out[tag] = DataElement(tag, vr, cleaned if len(cleaned) > 1 else cleaned[0])
-                self._note(path, tag, name, label, Effect.CLEANED, _describe_value(cleaned))
+                _put(out, tag, _elem(tag, vr, cleaned if len(cleaned) > 1 else cleaned[0]))
+                if self.decisions is not None:
+                    self._note(path, tag, name, label, Effect.CLEANED, _describe_value(cleaned))
             else:
                 self._fallback(src, out, raw, tag, vr, rule, label, strict, path)
         else:
@@ -489,25 +542,26 @@ class _Run:
     ) -> bool:
         """Modified dates: DA/DT shifted back by the patient's offset, TM kept (whole days)."""
         if vr == "TM":
-            out[tag] = self._copy(src, raw)
+            _put(out, tag, self._copy(src, raw))
             self._note(path, tag, name, label, Effect.KEPT, "time of day kept")
             return True
         shift = pseudonym.shift_da if vr == "DA" else pseudonym.shift_dt
-        values = _strings(src[tag].value)
+        values = _ascii_values(raw)
         shifted = [shift(v, self.shift_days) for v in values]
         if not values or any(s is None for s in shifted):
             if rule is None:
                 self._note(path, tag, name, f"{label}, unparsable→X", Effect.REMOVED)
             return False
         new = [s for s in shifted if s is not None]
-        out[tag] = DataElement(tag, vr, new if len(new) > 1 else new[0])
+        _put(out, tag, _elem(tag, vr, new if len(new) > 1 else new[0]))
         self._note(path, tag, name, label, Effect.SHIFTED, "shifted by the patient offset")
         return True
 
-    def _uid(self, out: Dataset, tag: int, value: Any, name: str, label: str, path: str) -> None:
-        values = _strings(value)
+    def _uid(
+        self, out: Dataset, tag: int, values: list[str], name: str, label: str, path: str
+    ) -> None:
         new = [pseudonym.pseudo_uid(self.key, v) if v.strip("\x00 ") else "" for v in values]
-        out[tag] = DataElement(tag, "UI", new if len(new) > 1 else (new[0] if new else None))
+        _put(out, tag, _elem(tag, "UI", new if len(new) > 1 else (new[0] if new else None)))
         self._note(path, tag, name, label, Effect.UID, "keyed 2.25 UID")
 
     def _pseudonym(
@@ -518,7 +572,7 @@ class _Run:
             return False
         original = " ".join(_strings(src[tag].value)).strip()
         if not original:
-            out[tag] = DataElement(tag, vr, None)
+            _put(out, tag, _elem(tag, vr, None))
             self._note(path, tag, name, label, Effect.EMPTIED)
             return True
         if tag in (_PATIENT_NAME, _PATIENT_ID):
@@ -537,7 +591,7 @@ class _Run:
         else:
             domain = "accession" if tag == _ACCESSION else "study-id"
             value = pseudonym.pseudo_short_id(self.key, domain, original)
-        out[tag] = DataElement(tag, vr, value)
+        _put(out, tag, _elem(tag, vr, value))
         self._note(path, tag, name, label, Effect.PSEUDONYM, "keyed pseudonym")
         return True
 
@@ -551,7 +605,7 @@ class _Run:
                 vr, value = "US", 0
             elif vr == "AE":
                 value = "ANONYMOUS"
-        out[tag] = DataElement(tag, vr, value)
+        _put(out, tag, _elem(tag, vr, value))
         self._note(path, tag, name, label, Effect.DUMMY, "dummy")
 
     def _sequence(
@@ -562,7 +616,7 @@ class _Run:
         effect_label = f"{label}{' (as dummy)' if strict else ''}"
         self._note(path, tag, name, effect_label, Effect.ITEMS, f"{len(items)} item(s)")
         new_items = [self.dataset(item, strict, f"{here}[{i}]>") for i, item in enumerate(items)]
-        out[tag] = DataElement(tag, "SQ", Sequence(new_items))
+        _put(out, tag, _elem(tag, "SQ", Sequence(new_items)))
 
 
 def _deep_item(item: Dataset) -> Dataset:
@@ -572,10 +626,10 @@ def _deep_item(item: Dataset) -> Dataset:
         if isinstance(raw, RawDataElement):
             new[raw.tag] = raw
         elif isinstance(raw.value, Sequence):
-            new[raw.tag] = DataElement(raw.tag, "SQ", Sequence([_deep_item(i) for i in raw.value]))
+            new[raw.tag] = _elem(raw.tag, "SQ", Sequence([_deep_item(i) for i in raw.value]))
         else:
             value = list(raw.value) if isinstance(raw.value, MultiValue) else raw.value
-            new[raw.tag] = DataElement(raw.tag, raw.VR, value)
+            new[raw.tag] = _elem(raw.tag, raw.VR, value)
     return new
 
 
@@ -601,55 +655,60 @@ def patient_key(ds: Dataset) -> str:
     return ""
 
 
-def _method_items(profile: Profile, facemask_applied: bool) -> list[tuple[str, str]]:
+@lru_cache(maxsize=64)
+def _method_codes(
+    options: tuple[Option, ...], facemask_applied: bool
+) -> tuple[tuple[str, str], ...]:
     codes = [_CID_7050["basic"]]
     if facemask_applied:
         codes.append(_CID_7050["facemask"])
-    codes.extend(_CID_7050[o] for o in profile.options if o in _CID_7050)
-    return codes
+    codes.extend(_CID_7050[o] for o in options if o in _CID_7050)
+    return tuple(codes)
+
+
+def _method_items(profile: Profile, facemask_applied: bool) -> tuple[tuple[str, str], ...]:
+    return _method_codes(profile.options, facemask_applied)
 
 
 def _record_method(out: Dataset, profile: Profile, facemask_applied: bool) -> None:
     """PS3.15 E.1.1 6 / PS3.3 C.7.1.1: say that and how the instance was de-identified."""
-    out.PatientIdentityRemoved = "YES"
     codes = _method_items(profile, facemask_applied)
-    out.DeidentificationMethod = [
-        f"defacegate PS3.15 E.1-1 {STANDARD_EDITION} Basic Profile",
-        *(meaning[:64] for _, meaning in codes[1:]),
-    ]
+    out[0x00120062] = _elem(0x00120062, "CS", "YES")  # Patient Identity Removed
+    methods = [f"defacegate PS3.15 E.1-1 {STANDARD_EDITION} Basic Profile"]
+    methods.extend(meaning[:64] for _, meaning in codes[1:])
+    out[0x00120063] = _elem(0x00120063, "LO", methods)  # De-identification Method
     items = []
     for value, meaning in codes:
         item = Dataset()
-        item.CodeValue = value
-        item.CodingSchemeDesignator = "DCM"
-        item.CodeMeaning = meaning
+        item[0x00080100] = _elem(0x00080100, "SH", value)
+        item[0x00080102] = _elem(0x00080102, "SH", "DCM")
+        item[0x00080104] = _elem(0x00080104, "LO", meaning)
         items.append(item)
-    out.DeidentificationMethodCodeSequence = Sequence(items)
-    out.LongitudinalTemporalInformationModified = (
-        "MODIFIED" if profile.retain_longitudinal_modified_dates else "REMOVED"
-    )
+    out[0x00120064] = _elem(0x00120064, "SQ", Sequence(items))
+    modified = "MODIFIED" if profile.retain_longitudinal_modified_dates else "REMOVED"
+    out[0x00280303] = _elem(0x00280303, "CS", modified)
     if facemask_applied:
-        out.RecognizableVisualFeatures = "NO"
+        out[0x00280302] = _elem(0x00280302, "CS", "NO")  # Recognizable Visual Features
 
 
 def _file_meta(src: Dataset, out: Dataset, key: bytes, retain_uids: bool) -> None:
     """A fresh file meta group: no source AE titles or private information survive."""
     old = getattr(src, "file_meta", None)
     meta = FileMetaDataset()
-    sop_class = (old.get("MediaStorageSOPClassUID") if old else None) or src.get("SOPClassUID")
-    if sop_class:
-        meta.MediaStorageSOPClassUID = sop_class
-    if "SOPInstanceUID" in out:
-        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-    elif old is not None and "MediaStorageSOPInstanceUID" in old:
-        original = str(old.MediaStorageSOPInstanceUID)
-        meta.MediaStorageSOPInstanceUID = (
-            original if retain_uids else pseudonym.pseudo_uid(key, original)
-        )
-    if old is not None and "TransferSyntaxUID" in old:
-        meta.TransferSyntaxUID = old.TransferSyntaxUID
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "DEFACEGATE_01"
+    meta[0x00020001] = _elem(0x00020001, "OB", b"\x00\x01")
+    sop_class = (old.get(0x00020002) if old else None) or src.get(0x00080016)
+    if sop_class is not None and sop_class.value:
+        meta[0x00020002] = _elem(0x00020002, "UI", sop_class.value)
+    if _SOP_INSTANCE_UID in out:
+        meta[0x00020003] = _elem(0x00020003, "UI", out[_SOP_INSTANCE_UID].value)
+    elif old is not None and 0x00020003 in old:
+        original = str(old[0x00020003].value)
+        new = original if retain_uids else pseudonym.pseudo_uid(key, original)
+        meta[0x00020003] = _elem(0x00020003, "UI", new)
+    if old is not None and 0x00020010 in old:
+        meta[0x00020010] = _elem(0x00020010, "UI", old[0x00020010].value)
+    meta[0x00020012] = _elem(0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID)
+    meta[0x00020013] = _elem(0x00020013, "SH", "DEFACEGATE_01")
     out.file_meta = meta
 
 

@@ -65,6 +65,9 @@ class Profile:
     retain_safe_private: tuple[str, ...] = ()
     retain_uids: bool = False
     safe_private: frozenset[SafePrivate] = field(init=False, repr=False, compare=False)
+    #: The table options in force, in the order of :class:`Option` (derived from the flags).
+    options: tuple[Option, ...] = field(init=False, repr=False, compare=False)
+    options_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         key = self.key
@@ -79,9 +82,10 @@ class Profile:
         object.__setattr__(self, "retain_safe_private", tuple(entries))
         parsed = frozenset(parse_safe_private(e) for e in self.retain_safe_private)
         object.__setattr__(self, "safe_private", parsed)
+        object.__setattr__(self, "options", self._selected_options())
+        object.__setattr__(self, "options_key", ",".join(o.value for o in self.options))
 
-    @property
-    def options(self) -> tuple[Option, ...]:
+    def _selected_options(self) -> tuple[Option, ...]:
         """The table options in force, in the order of :class:`Option`."""
         selected = {
             Option.RETAIN_LONGITUDINAL_MODIFIED_DATES: self.retain_longitudinal_modified_dates,

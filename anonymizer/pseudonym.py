@@ -30,7 +30,8 @@ def pseudo_uid(key: bytes, uid: str) -> str:
 
 
 def _code(key: bytes, domain: str, value: str, length: int) -> str:
-    text = base64.b32encode(_digest(key, domain, value)).decode("ascii")
+    # 5 bytes → 8 base32 characters; encode only what the code needs (it is per instance).
+    text = base64.b32encode(_digest(key, domain, value)[: (length * 5 + 7) // 8 + 1]).decode()
     return text[:length]
 
 
