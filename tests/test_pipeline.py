@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from nibabel.affines import apply_affine
 from pydicom.dataset import Dataset
+from pydicom.uid import JPEGLSLossless, RLELossless
 
 from anonymizer import DeidentificationError, Profile
 from gateway.config import DefaceSettings, DeidSettings, Settings, VolumeSettings
@@ -275,3 +276,21 @@ def test_load_datasets_reads_what_was_saved(tmp_path: Path):
     dss, _, _ = _phi_series()
     save(dss, tmp_path)
     assert len(load_datasets([tmp_path])) == 24
+
+
+@pytest.mark.parametrize("ts", [RLELossless, JPEGLSLossless])
+def test_lossless_compressed_input_stays_compressed_in_output(tmp_path: Path, ts):
+    dss, _, hu = _phi_series()
+    for d in dss:
+        d.compress(ts, generate_instance_uid=False)
+    save(dss, tmp_path / "in")
+    summary = deface_to_directory(
+        tmp_path / "in", tmp_path / "out", _settings(), engine=BoxEngine()
+    )
+    assert summary.series[0].summary()["transfer_syntaxes"] == [ts]
+    files = list((tmp_path / "out").rglob("*.dcm"))
+    assert {pydicom.dcmread(f).file_meta.TransferSyntaxUID for f in files} == {ts}
+    [back] = assemble(load_datasets([tmp_path / "out"]))
+    box = _box(hu.shape)
+    assert (back.hu[box] == -1000).all()
+    np.testing.assert_array_equal(back.hu[~box], hu[~box])
