@@ -22,6 +22,7 @@ from inference.engines.nnunet import (
     physical_spacing,
     postprocess,
     reorientation,
+    touching_sides,
 )
 from inference.errors import FacemaskError, ModelError
 from inference.geometry import Geometry
@@ -139,8 +140,34 @@ def test_roi_paste_back_position_and_agreement_with_full_volume(
     # a shifted paste-back would not agree
     shifted = np.roll(roi_pred, 3, axis=2)
     assert dice(shifted[region], label[region]) < dice(roi_pred[region], label[region]) - 0.05
+    # the face continues outside this crop: mask() grows it until the prediction is inside
+    face, final = engine.predict_face(hu, geometry)
+    assert final is not None and touching_sides(face, final, hu.shape) == []
+    assert all(f.start <= r.start and f.stop >= r.stop for f, r in zip(final, region, strict=True))
+    assert final != region
+    assert dice(face[final], full_prediction[final]) > 0.9
+
+
+def test_roi_around_the_whole_head_is_kept_and_mask_stays_inside(
+    model_dir: Path, head: tuple[np.ndarray, np.ndarray, Geometry]
+) -> None:
+    hu, label, geometry = head
+    idx = np.nonzero(label)
+    box = tuple(
+        slice(max(0, int(i.min()) - 2), min(n, int(i.max()) + 3))
+        for i, n in zip(idx, SHAPE, strict=True)
+    )
+    engine = NnUNetEngine(model_dir, roi_fn=lambda h, g: box)  # type: ignore[arg-type,return-value]
+    face, final = engine.predict_face(hu, geometry)
+    assert final == engine.region(hu, geometry)  # no growth needed
+    outside = np.ones(SHAPE, bool)
+    outside[final] = False
+    assert not face[outside].any()
+    assert dice(face, label) > 0.85
     mask = engine.mask(hu, geometry)
-    assert not mask[:, 34:, :].any()  # rows beyond crop (32) + dilation (1 voxel at 2 mm)
+    near = np.zeros(SHAPE, bool)
+    near[tuple(slice(max(0, s.start - 1), s.stop + 1) for s in final)] = True
+    assert mask.any() and not mask[~near].any()  # only the 2 mm dilation may leave the crop
 
 
 def test_fail_closed_when_the_face_cannot_be_localised(model_dir: Path) -> None:

@@ -65,6 +65,12 @@ class NnUNetOptions:
 
     roi: bool = True
     roi_margin_mm: float = 15.0
+    #: When the prediction reaches a side of the crop (that is not the volume border) the
+    #: face may continue outside: grow that side by ``roi_grow_mm`` and predict again, at
+    #: most ``roi_grow_rounds`` times, then fall back to the full volume. A wrong ROI costs
+    #: time, never a face left in place.
+    roi_grow_mm: float = 30.0
+    roi_grow_rounds: int = 3
     axes: str = "SAL"
     #: Test-time mirroring (up to 8 network passes per patch). None: on with a GPU, off on CPU.
     tta: bool | None = None
@@ -237,8 +243,7 @@ class NnUNetEngine:
 
         Raises FacemaskError when the network finds no face (fail closed).
         """
-        region = self.region(hu, geometry) if self.options.roi else None
-        face = self.predict(hu, geometry, region)
+        face, _ = self.predict_face(hu, geometry)
         return postprocess(
             face,
             hu,
@@ -246,6 +251,25 @@ class NnUNetEngine:
             dilate_mm=self.options.dilate_mm,
             air_hu=self.options.air_hu,
         )
+
+    def predict_face(self, hu: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Region | None]:
+        """Raw face prediction and the crop it came from (None: the full volume).
+
+        In ROI mode the crop grows while the prediction touches one of its inner sides.
+        """
+        if not self.options.roi:
+            return self.predict(hu, geometry), None
+        region = self.region(hu, geometry)
+        spacing = physical_spacing(geometry)
+        for _ in range(self.options.roi_grow_rounds + 1):
+            face = self.predict(hu, geometry, region)
+            sides = touching_sides(face, region, hu.shape)
+            if not sides:
+                return face, region
+            log.info("face prediction reaches crop sides %s: growing the crop", sides)
+            region = _grow(region, sides, self.options.roi_grow_mm / spacing, hu.shape)
+        log.warning("face still reaches the crop border: predicting the full volume")
+        return self.predict(hu, geometry), None
 
     def region(self, hu: np.ndarray, geometry: Geometry) -> Region:
         """The crop the network runs on: the face region grown to at least one patch."""
@@ -317,6 +341,35 @@ class NnUNetEngine:
             start = max(0, stop - want)
             out.append(slice(start, stop))
         return out[0], out[1], out[2]
+
+
+def touching_sides(
+    face: np.ndarray, region: Region, shape: tuple[int, ...]
+) -> list[tuple[int, int]]:
+    """(axis, -1|+1) sides of ``region`` inside the volume that predicted voxels touch."""
+    sides = []
+    for axis, sl in enumerate(region):
+        start, stop, _ = sl.indices(shape[axis])
+        for side, index, at_border in ((-1, start, start == 0), (1, stop - 1, stop == shape[axis])):
+            if at_border:
+                continue
+            face_slab = face[tuple(index if a == axis else region[a] for a in range(3))]
+            if face_slab.any():
+                sides.append((axis, side))
+    return sides
+
+
+def _grow(
+    region: Region, sides: list[tuple[int, int]], grow_vox: np.ndarray, shape: tuple[int, ...]
+) -> Region:
+    out = [sl.indices(shape[a])[:2] for a, sl in enumerate(region)]
+    for axis, side in sides:
+        start, stop = out[axis]
+        step = max(1, int(np.ceil(grow_vox[axis])))
+        out[axis] = (
+            (max(0, start - step), stop) if side < 0 else (start, min(shape[axis], stop + step))
+        )
+    return slice(*out[0]), slice(*out[1]), slice(*out[2])
 
 
 def _ellipsoid(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
