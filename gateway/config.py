@@ -191,10 +191,15 @@ class AuditSettings(_Section):
 
     enabled: bool = Field(True, description="Audit every defaced series before forwarding.")
     detect_threshold: float = Field(
-        0.0, description="dlib HOG score above which a defaced render counts as a face."
+        0.5,
+        description="dlib HOG score above which a defaced render counts as a face "
+        "(phantoms: faces 1.5–2.1 frontal, defaced skulls ≤ 0.4; see docs/audit.md).",
     )
-    reid_distance: float = Field(
-        0.6, gt=0, description="Embedding distance below which defaced = same person (dlib)."
+    reid_distance: float | None = Field(
+        None,
+        gt=0,
+        description="Also escalate when the defaced embedding is closer than this to the "
+        "original (dlib: 0.6 for photos; uncalibrated on renders, so off by default).",
     )
     escalation: tuple[Literal["keep", "smooth", "remove"], ...] = Field(
         ("keep", "smooth", "remove"),
