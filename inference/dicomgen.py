@@ -99,7 +99,7 @@ def make_ct_series(
         if geometry.slice_origins is not None:
             ipp = geometry.slice_origins[k]
         else:
-            ipp = geometry.index_to_patient([k, 0, 0])
+            ipp = geometry.index_to_patient(np.array([k, 0, 0]))
         ds.ImagePositionPatient = [round(float(v), 4) for v in ipp]
         ds.ImageOrientationPatient = [round(v, 6) for v in iop]
         ds.PixelSpacing = [round(float(sp[1]), 6), round(float(sp[2]), 6)]
@@ -218,7 +218,7 @@ def make_enhanced_ct(
         if geometry.slice_origins is not None:
             ipp = geometry.slice_origins[k]
         else:
-            ipp = geometry.index_to_patient([k, 0, 0])
+            ipp = geometry.index_to_patient(np.array([k, 0, 0]))
         position.ImagePositionPatient = [round(float(v), 4) for v in ipp]
         item.PlanePositionSequence = [position]
         slope, intercept = per_slice[k]
