@@ -59,7 +59,7 @@ def landmarks(v: Variation) -> dict[str, np.ndarray]:
     """Named surface points in head coordinates (before rotation and global scale)."""
     n = v.nose
     return {
-        "nose_tip": np.array([0.0, -99.0 - 22.0 * n, -12.0]),
+        "nose_tip": np.array([0.0, -108.0 - 13.0 * n, -12.0]),
         "nasion": np.array([0.0, -91.5, 24.0]),
         "pupil_right": np.array([-31.5, -80.0, 15.0]),
         "pupil_left": np.array([31.5, -80.0, 15.0]),
@@ -90,16 +90,19 @@ def _outer_table(x, y, z):
 def build_envelope(c: Canvas, v: Variation, *, tube: bool) -> None:
     """The skin surface as one smooth signed-distance field (``c.skin``)."""
     w, n, j = v.face_width, v.nose, v.jaw
-    big = ((-110, 110), (-160, 140), (-260, 150))
     # Cranium and neck.
-    c.blend_skin(lambda x, y, z: S.ellipsoid(x, y, z, (0, 8, 30), (76, 98, 100)), big, 0)
+    c.blend_skin(
+        lambda x, y, z: S.ellipsoid(x, y, z, (0, 8, 30), (76, 98, 100)),
+        ((-82, 82), (-96, 112), (-76, 136)),
+        0,
+    )
 
     def neck(x, y, z):
-        cy = 10.0 + 0.08 * (-60.0 - z)
-        d2 = np.sqrt(x * x / 56**2 + (y - cy) ** 2 / 56**2) * 56 - 56
-        return np.maximum(d2, z - (-40.0))
+        cy = 12.0 + 0.03 * (-60.0 - z)
+        d2 = np.sqrt((x / 57.0) ** 2 + ((y - cy) / 62.0) ** 2) * 57.0 - 57.0
+        return S.smax(d2, z - (-40.0), 20.0)
 
-    c.blend_skin(neck, ((-70, 70), (-60, 80), (-260, -30)), 25)
+    c.blend_skin(neck, ((-70, 70), (-70, 90), (-262, -10)), 25)
     # Midface, jaw, chin, cheeks.
     c.blend_skin(
         lambda x, y, z: S.ellipsoid(x, y, z, (0, -30, -5), (68 * w, 64, 52)),
@@ -112,7 +115,7 @@ def build_envelope(c: Canvas, v: Variation, *, tube: bool) -> None:
         14,
     )
     c.blend_skin(
-        lambda x, y, z: S.ellipsoid(x, y, z, (0, -76 * j, -82), (21, 14, 15)),
+        lambda x, y, z: S.ellipsoid(x, y, z, (0, -80 * j, -82), (20, 14, 15)),
         ((-30, 30), (-100, -55), (-105, -60)),
         10,
     )
@@ -135,7 +138,7 @@ def build_envelope(c: Canvas, v: Variation, *, tube: bool) -> None:
     for s in SIDES:
         ex = s * 31.5
 
-        def lids(x, y, z, ex=ex):
+        def lids(x, y, z, ex=ex, s=s):
             lid = S.sphere(x, y, z, (ex, -67.5, 15), 13.0)
             u = (x - ex) / 14.0
             half = 4.8 * np.sqrt(np.clip(1.0 - u * u, 0.0, 1.0)) - 0.2
@@ -150,9 +153,9 @@ def build_envelope(c: Canvas, v: Variation, *, tube: bool) -> None:
     # Brows.
     for s in SIDES:
         c.blend_skin(
-            lambda x, y, z, s=s: S.capsule(x, y, z, (s * 14, -93, 33), (s * 46, -84, 30), 4.5, 3.5),
-            ((s * 30 - 25, s * 30 + 25), (-105, -70), (20, 45)),
-            5,
+            lambda x, y, z, s=s: S.capsule(x, y, z, (s * 14, -92, 33), (s * 46, -83, 30), 4.0, 3.0),
+            ((s * 30 - 30, s * 30 + 30), (-110, -65), (15, 50)),
+            8,
         )
     # Nose: bridge, tip, alae, columella; then nostrils.
     tip = (0.0, -99.0 - 13.0 * n, -12.0)
@@ -169,10 +172,15 @@ def build_envelope(c: Canvas, v: Variation, *, tube: bool) -> None:
         return d
 
     c.blend_skin(nose, ((-30, 30), (-135, -75), (-35, 32)), 3.5)
-    # Lips with a mouth line and a philtrum groove.
+    # Perioral region (over the teeth), lips with a mouth line and a philtrum groove.
     c.blend_skin(
-        lambda x, y, z: S.ellipsoid(x, y, z, (0, -98, -38), (25, 7, 8)),
-        ((-35, 35), (-115, -80), (-52, -25)),
+        lambda x, y, z: S.ellipsoid(x, y, z, (0, -55, -44), (40 * w, 45, 24)),
+        ((-50, 50), (-105, -5), (-72, -16)),
+        8,
+    )
+    c.blend_skin(
+        lambda x, y, z: S.ellipsoid(x, y, z, (0, -96, -35), (25, 8, 11)),
+        ((-35, 35), (-115, -80), (-52, -20)),
         5,
     )
     c.blend_skin(
@@ -233,18 +241,16 @@ def _bone_value(d_outer, d_inner):
 
 def paint_skull(c: Canvas) -> None:
     """Vault, skull base, facial skeleton with sinuses and orbits, mandible and teeth."""
-    box = ((-80, 80), (-100, 105), (-50, 130))
-
-    def vault(x, y, z):
+    w = c.window(((-80, 80), (-100, 105), (-50, 130)))
+    if w is not None:
+        sl, x, y, z = w
         cav = _skull_cavity(x, y, z)
+        outer = _outer_table(x, y, z)
         base = np.interp(y, [-200, -40, -22, 12, 28, 200], [34, 34, -8, -8, -30, -30])
         slab = (base.astype(np.float32) - 13.0) - z
-        return np.maximum(np.maximum(_outer_table(x, y, z), -cav), slab)
-
-    def vault_hu(d, x, y, z):
-        return _bone_value(-_outer_table(x, y, z), _skull_cavity(x, y, z))
-
-    c.paint(vault, box, vault_hu, set_bits=BONE)
+        d = np.maximum(np.maximum(outer, -cav), slab)
+        c.paint_at(sl, d, _bone_value(-outer, cav), set_bits=BONE)
+        del d, outer, slab
     # Foramen magnum.
     c.paint(
         lambda x, y, z: S.capsule(x, y, z, (0, 20, -55), (0, 18, -20), 15.0),
@@ -303,10 +309,19 @@ def paint_skull(c: Canvas) -> None:
         d = S.smin(d, S.ellipsoid(x, y, z, (0, -88, -12), (10, 10, 13)), 3)
         for s in SIDES:
             d = np.minimum(d, S.capsule(x, y, z, (s * 7, -104, -21), (s * 6, -86, -13), 3.2))
-        return np.maximum(d, 1.2 - np.abs(x))  # keep a septum
+        return d
 
     c.paint(nasal_cavity, ((-16, 16), (-115, -18), (-30, 18)), HU_AIR, clear_bits=BONE)
+    # Septum: a thin plate of bone and cartilage down the middle of the nasal cavity.
+    c.paint(
+        lambda x, y, z: np.maximum(nasal_cavity(x, y, z) + 1.5, np.abs(x) - 1.0),
+        ((-3, 3), (-110, -20), (-30, 18)),
+        HU_CARTILAGE * 3,
+        set_bits=BONE,
+    )
     paint_mandible_and_teeth(c)
+    if w is not None:
+        paint_brain(c, sl, cav)
 
 
 def paint_mandible_and_teeth(c: Canvas) -> None:
@@ -347,7 +362,7 @@ def paint_mandible_and_teeth(c: Canvas) -> None:
                     tx = s * 40.0 * ang
                     ty = front + (back - front) * ang * ang
                     crown = S.ellipsoid(
-                        x, y, z, (tx, ty, zc), (3.2 + 1.8 * ang, 3.5 + 2 * ang, 4.5)
+                        x, y, z, (tx, ty, zc), (3.6 + 1.4 * ang, 3.5 + 2 * ang, 5.5)
                     )
                     root = S.capsule(x, y, z, (tx, ty, zc), (tx, ty, zc + direction * 14), 2.2)
                     d = np.minimum(d, np.minimum(crown, root))
@@ -358,14 +373,20 @@ def paint_mandible_and_teeth(c: Canvas) -> None:
     def tooth_hu(d, x, y, z):
         return np.where(d > -1.2, HU_ENAMEL, HU_DENTIN).astype(np.float32)
 
+    # Upper alveolar process: the bony arch that holds the upper teeth.
+    def alveolus(x, y, z):
+        da = np.abs(arch_dist(x, y, -83.0, -38.0, 42.0)) - 5.5
+        return np.maximum(np.maximum(da, np.abs(z + 28.0) - 9.0), np.abs(x) - 44.0)
+
+    c.paint(alveolus, ((-50, 50), (-95, -30), (-40, -16)), bone_hu, set_bits=BONE)
     c.paint(
-        teeth(-85.0, -40.0, -41.0, 1.0),
+        teeth(-85.5, -40.0, -41.5, 1.0),
         ((-50, 50), (-95, -30), (-50, -20)),
         tooth_hu,
         set_bits=BONE,
     )
     c.paint(
-        teeth(-83.0, -40.0, -50.0, -1.0),
+        teeth(-83.0, -40.0, -50.5, -1.0),
         ((-50, 50), (-95, -30), (-70, -40)),
         tooth_hu,
         set_bits=BONE,
@@ -419,12 +440,12 @@ def paint_neck(c: Canvas) -> None:
         (0, -18, -22),
         (0, -14, -60),
         (0, -16, -95),
-        (0, -30, -125),
-        (0, -33, -260),
+        (0, -26, -125),
+        (0, -24, -260),
     ]
     radii = [8.0, 8.0, 7.0, 7.0, 8.5, 9.0]
     c.paint(
-        lambda x, y, z: S.ellipsoid(x, y, z, (0, -30, -112), (16, 14, 14)),
+        lambda x, y, z: S.ellipsoid(x, y, z, (0, -27, -112), (16, 14, 14)),
         ((-20, 20), (-50, -10), (-130, -95)),
         HU_CARTILAGE,
     )
@@ -435,21 +456,17 @@ def paint_neck(c: Canvas) -> None:
     )
 
 
-def paint_brain(c: Canvas) -> None:
-    """CSF-filled cranial cavity with grey/white matter, ventricles; marks intracranial."""
-    box = ((-70, 70), (-85, 100), (-45, 125))
-    c.paint(_skull_cavity, box, HU_CSF, set_bits=INTRACRANIAL, clear_bits=BONE, inside_skin=None)
+def paint_brain(c: Canvas, sl: tuple[slice, slice, slice], cav: np.ndarray) -> None:
+    """CSF-filled cranial cavity with grey/white matter, ventricles; marks intracranial.
 
-    def brain_hu(d, x, y, z):
-        return np.where(d > -6.0, HU_BRAIN_GREY, HU_BRAIN_WHITE).astype(np.float32)
-
-    c.paint(
-        lambda x, y, z: _skull_cavity(x, y, z) + 2.5,
-        box,
-        brain_hu,
-        inside_skin=None,
-        only_bits=INTRACRANIAL,
+    ``cav`` is the cavity's signed distance over window ``sl``.
+    """
+    c.paint_at(
+        sl, cav, np.float32(HU_CSF), set_bits=INTRACRANIAL, clear_bits=BONE, inside_skin=None
     )
+    brain = cav + np.float32(2.5)
+    grey_white = np.where(brain > -6.0, np.float32(HU_BRAIN_GREY), np.float32(HU_BRAIN_WHITE))
+    c.paint_at(sl, brain, grey_white, inside_skin=None, only_bits=INTRACRANIAL)
     for s in SIDES:
         c.paint(
             lambda x, y, z, s=s: S.ellipsoid(x, y, z, (s * 9, 8, 42), (6, 26, 8)),
@@ -580,7 +597,7 @@ def paint_vessels(c: Canvas) -> None:
 
 
 def paint_eye_shield(c: Canvas, kind: str) -> None:
-    """A curved plate over both eyes, 3–5 mm in front of the lids (follows the face)."""
+    """A 2 mm curved plate over each eye, 4.5 mm in front of the lids (follows the face)."""
     for s in SIDES:
         ex = s * 31.5
 
@@ -593,7 +610,7 @@ def paint_eye_shield(c: Canvas, kind: str) -> None:
         sl, x, y, z = w
         region = plate(x, y, z)
         skin = c.skin[sl]
-        shell = (region < 0) & (skin > 3.0) & (skin < 5.0)
+        shell = (region < 0) & (skin > 4.5) & (skin < 6.5)
         # keep only the front-most shell (not the layer behind the nose or brows)
         c.hu[sl][shell] = HU_SHIELD[kind]
         c.labels[sl][shell] |= FOREIGN
@@ -606,8 +623,8 @@ TUBE_PATH = [
     (0.0, -40.0, -40.0),
     (0.0, -20.0, -55.0),
     (0.0, -16.0, -90.0),
-    (0.0, -30.0, -125.0),
-    (0.0, -33.0, -200.0),
+    (0.0, -26.0, -125.0),
+    (0.0, -24.0, -200.0),
 ]
 
 
@@ -623,7 +640,7 @@ def paint_tube(c: Canvas) -> None:
         inside_skin=None,
     )
     c.paint(
-        lambda x, y, z: S.polyline(x, y, z, TUBE_PATH, [4.5] * n),
+        lambda x, y, z: S.polyline(x, y, z, TUBE_PATH, [4.8] * n),
         bbox,
         HU_TUBE_WALL,
         set_bits=FOREIGN,
@@ -638,9 +655,10 @@ def facemask(c: Canvas) -> np.ndarray:
     """Ground-truth facemask on the canvas (bool ``[z, y, x]``).
 
     Face region: from 60 mm above the Frankfurt plane (above the frontal sinus, whose top is
-    at ~47 mm) down to 2 mm below the menton, anterior to the temporo-mandibular joints
-    (y < −8 mm) and medial to the ears (|x| < 72 mm). Inside it: soft tissue (not bone, not
-    internal air) within ``FACEMASK_DEPTH`` of the skin whose straight path to the front (−y)
+    at ~47 mm) down to 3 mm below the lower border of the mandible, anterior to the
+    temporo-mandibular joints (y < −8 mm) and medial to the ears (|x| < 72 mm). Inside it:
+    soft tissue (not bone, not internal air) within ``FACEMASK_DEPTH`` of the skin whose
+    straight path to the front (−y)
     crosses no bone, plus foreign objects on the face (eye shield, tube) that are in front of
     the facial bones. Never intracranial.
     """
@@ -659,7 +677,9 @@ def facemask(c: Canvas) -> np.ndarray:
     blocked = np.logical_or.accumulate(bone, axis=1)
     soft = inside & ~bone & (c.hu[sl] > -500.0) & (depth <= FACEMASK_DEPTH)
     foreign = ((labels & FOREIGN) != 0) & (~inside | (depth <= FACEMASK_DEPTH))
-    inreg = (np.abs(x) < 72.0) & (y < -8.0) & (z >= -100.0) & (z <= 60.0)
+    # lower limit: the mandible's lower border (chin soft tissue down to 3 mm below menton)
+    z_low = -99.0 + 26.0 * np.clip(np.abs(x) / 50.0, 0.0, 1.0)
+    inreg = (np.abs(x) < 72.0) & (y < -8.0) & (z >= z_low) & (z <= 60.0)
     region = np.broadcast_to(inreg, soft.shape)
     m = region & ~blocked & (soft | foreign) & ((labels & INTRACRANIAL) == 0)
     out[sl] = m

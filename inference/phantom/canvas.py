@@ -87,14 +87,35 @@ class Canvas:
         if w is None:
             return
         sl, x, y, z = w
-        d = sdf(x, y, z)
-        d = np.broadcast_to(d, self.hu[sl].shape)
+        d = np.broadcast_to(sdf(x, y, z), self.hu[sl].shape)
+        v = value(d, x, y, z) if callable(value) else np.float32(value)
+        self.paint_at(
+            sl,
+            d,
+            v,
+            set_bits=set_bits,
+            clear_bits=clear_bits,
+            inside_skin=inside_skin,
+            only_bits=only_bits,
+        )
+
+    def paint_at(
+        self,
+        sl: tuple[slice, slice, slice],
+        d: np.ndarray,
+        v: np.ndarray | np.float32,
+        *,
+        set_bits: int = 0,
+        clear_bits: int = 0,
+        inside_skin: float | None = 1.5,
+        only_bits: int = 0,
+    ) -> None:
+        """:meth:`paint` with a signed distance already evaluated over window ``sl``."""
         f = self.coverage(d)
         if inside_skin is not None:
             f = f * np.clip(-self.skin[sl] - inside_skin, 0.0, 1.0)
         if only_bits:
             f = f * ((self.labels[sl] & only_bits) != 0)
-        v = value(d, x, y, z) if callable(value) else np.float32(value)
         region = self.hu[sl]
         region += f * (v - region)
         if set_bits or clear_bits:

@@ -22,8 +22,8 @@ from inference.phantom.canvas import INTRACRANIAL, Canvas
 
 FOV_MM = 250.0
 #: Head-coordinate bounds of everything the phantom models (x, y, z ranges, mm).
-MODEL_LO = np.array([-110.0, -150.0, -262.0])
-MODEL_HI = np.array([110.0, 132.0, 150.0])
+MODEL_LO = np.array([-92.0, -142.0, -262.0])
+MODEL_HI = np.array([92.0, 112.0, 137.0])
 #: Scanned z range in patient coordinates (superior end, inferior end per FOV), mm.
 Z_TOP = 142.0
 Z_BOTTOM = {"head": -115.0, "head_neck": -235.0}
@@ -94,6 +94,8 @@ class Phantom:
     #: Named anatomical points in patient coordinates (LPS mm), e.g. "nose_tip".
     landmarks: dict[str, np.ndarray] = field(default_factory=dict)
     options: PhantomOptions = field(default_factory=PhantomOptions)
+    #: 3x3 linear map head coordinates (anatomy.py) → patient LPS mm (rotation × scale).
+    head_to_patient: np.ndarray = field(default_factory=lambda: np.eye(3))
 
 
 def rotation(options: PhantomOptions) -> np.ndarray:
@@ -121,7 +123,7 @@ def scanner_geometry(options: PhantomOptions) -> Geometry:
         n = int(np.ceil((Z_TOP - Z_BOTTOM[options.fov]) / step[2])) + 1
         n = min(n, MAX_SLICES)
     z0 = Z_TOP - (n - 1) * step[2]
-    centre = np.array([0.0, -5.0, z0])
+    centre = np.array([0.0, -10.0, z0])
     origin = centre - (m - 1) / 2.0 * ps * (row_dir + col_dir)
     affine = np.eye(4)
     affine[:3, 0] = step
@@ -147,7 +149,6 @@ def _paint(c: Canvas, options: PhantomOptions, v: A.Variation) -> np.ndarray:
     A.paint_soft_tissue(c, v)
     A.paint_skull(c)
     A.paint_neck(c)
-    A.paint_brain(c)
     A.paint_eyes(c)
     A.paint_vessels(c)
     if options.eye_shield is not None:
@@ -242,6 +243,7 @@ def generate_phantom(options: PhantomOptions) -> Phantom:
         planted_phi=planted,
         landmarks=marks,
         options=options,
+        head_to_patient=scale * rot,
     )
 
 
