@@ -315,6 +315,8 @@ class _Run:
         safe_blocks = self._safe_private_blocks(src)
         for raw in src.elements():
             tag = int(raw.tag)
+            if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+                raw = src[tag]  # a deferred read: load it now, the copy has no file behind it
             group, element = tag >> 16, tag & 0xFFFF
             if element == 0 or group == 0x0002:  # group lengths; stray file meta in the body
                 self._note(path, tag, "Group Length / File Meta", "not copied", Effect.REMOVED)

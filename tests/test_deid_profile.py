@@ -123,6 +123,16 @@ def test_deidentify_is_pure() -> None:
     assert to_bytes(read) == before
 
 
+def test_deferred_reads_are_loaded_not_lost(tmp_path: Path) -> None:
+    series, _ = phi_series(29, slices=1)
+    path = tmp_path / "in.dcm"
+    path.write_bytes(to_bytes(series[0]))
+    eager = deidentify(dcmread(path), profile(), facemask_applied=True)
+    lazy = deidentify(dcmread(path, defer_size=64), profile(), facemask_applied=True)
+    assert to_bytes(lazy) == to_bytes(eager)
+    assert len(lazy.PixelData) == 16 * 16 * 2
+
+
 def test_reid_lookup_written_0600_and_matches_output(tmp_path: Path) -> None:
     series, _ = phi_series(26, slices=2)
     prof = profile(retain_longitudinal_modified_dates=True)
