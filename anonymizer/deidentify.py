@@ -698,7 +698,9 @@ def _file_meta(src: Dataset, out: Dataset, key: bytes, retain_uids: bool) -> Non
     old = getattr(src, "file_meta", None)
     meta = FileMetaDataset()
     meta[0x00020001] = _elem(0x00020001, "OB", b"\x00\x01")
-    sop_class = (old.get(0x00020002) if old else None) or src.get(0x00080016)
+    sop_class = old.get(0x00020002) if old is not None else None
+    if sop_class is None or not sop_class.value:
+        sop_class = src.get(0x00080016)
     if sop_class is not None and sop_class.value:
         meta[0x00020002] = _elem(0x00020002, "UI", sop_class.value)
     if _SOP_INSTANCE_UID in out:
@@ -725,7 +727,8 @@ def _run(
     run = _Run(profile, load_table(), patient_key(ds), trace)
     out = run.dataset(ds, strict=False, path="")
     for tag in _ADDED_BY_US:
-        if tag in out:
+        # An input's own Recognizable Visual Features stays true unless we defaced the image.
+        if tag in out and (facemask_applied or tag != 0x00280302):
             del out[tag]
     _record_method(out, profile, facemask_applied)
     _file_meta(ds, out, profile.key, profile.retain_uids)

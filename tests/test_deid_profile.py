@@ -184,8 +184,19 @@ def test_cli_dry_run_prints_masked_plan(tmp_path: Path) -> None:
     series, planted = phi_series(28, slices=1)
     path = tmp_path / "in.dcm"
     path.write_bytes(to_bytes(series[0]))
+    config = tmp_path / "site.yaml"
+    config.write_text("deid:\n  project_prefix: SITEX\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "deid", "--dry-run", str(path)],
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "deid",
+            "--dry-run",
+            str(path),
+            "--config",
+            str(config),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -194,6 +205,7 @@ def test_cli_dry_run_prints_masked_plan(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "(0010,0020)" in proc.stdout and "pseudonym" in proc.stdout
+    assert "patient 'SITEX-'" in proc.stdout  # the profile of the given configuration
     assert "(0009,1012)[0]>" not in proc.stdout  # private sequences are dropped, not entered
     assert "Private" in proc.stdout and "removed" in proc.stdout
     assert [s for s in planted if s in proc.stdout + proc.stderr] == []

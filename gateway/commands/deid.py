@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mode.add_argument("--output", "-o", type=Path, help="write de-identified files here")
     parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,  # also accepted before the command; do not clobber it
+        help="YAML configuration file (or $DEFACEGATE_CONFIG)",
+    )
+    parser.add_argument(
         "--facemask-applied",
         action="store_true",
         help="record the Clean Recognizable Visual Features option (only if pixels are defaced)",
