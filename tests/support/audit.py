@@ -8,6 +8,8 @@ checks) but no detectable face; face-detection tests use photographs and the pha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy.spatial.transform import Rotation
 
@@ -82,3 +84,27 @@ def face_mask(hu: np.ndarray, geometry: Geometry, depth_mm: float = 0.0) -> np.n
     in_front = _ellipsoid_sdf(p, np.zeros(3), SKULL_R) > -depth_mm
     face = (p[..., 1] < -40.0) & (p[..., 2] > -80.0) & (p[..., 2] < 60.0)
     return in_front & face & (hu > -500)
+
+
+class FixedMaskEngine:
+    """A :class:`inference.engines.FacemaskEngine` that returns a given mask: lets a test
+    choose what each escalation level produces while the audit itself runs for real."""
+
+    name = "fixed"
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self._mask = mask
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        if hu.shape != self._mask.shape:
+            raise ValueError("mask and volume shapes differ")
+        return self._mask.copy()
+
+
+def staged_engines(masks: dict[str, np.ndarray]) -> Callable[[str], FixedMaskEngine]:
+    """Engine factory for :func:`inference.audit.report.audited_mask`: bone → fixed mask."""
+
+    def factory(bone: str) -> FixedMaskEngine:
+        return FixedMaskEngine(masks[bone])
+
+    return factory
