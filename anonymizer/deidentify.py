@@ -33,7 +33,7 @@ from typing import Any
 
 from pydicom import config
 from pydicom.datadict import dictionary_description, dictionary_VR, keyword_for_tag
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -229,6 +229,18 @@ def _ascii_values(raw: DataElement | RawDataElement) -> list[str]:
     return _strings(raw.value)
 
 
+def _value(src: Dataset, raw: DataElement | RawDataElement) -> Any:
+    """The decoded value of a non-sequence element, without caching it back into ``src``.
+
+    ``src[tag]`` would store the converted element in the input dataset; converting directly
+    keeps the input untouched and skips that bookkeeping (it is per element per instance).
+    """
+    if isinstance(raw, RawDataElement):
+        encoding = src.original_character_set or src._character_set
+        return convert_raw_data_element(raw, encoding=encoding, ds=src).value
+    return raw.value
+
+
 def _strings(value: Any) -> list[str]:
     if value is None:
         return []
@@ -313,7 +325,9 @@ class _Run:
     def dataset(self, src: Dataset, strict: bool, path: str) -> Dataset:
         out = Dataset()
         safe_blocks = self._safe_private_blocks(src)
-        for raw in src.elements():
+        # values(): the unconverted elements in file order (elements() re-sorts BaseTags in
+        # Python per dataset; the writer sorts anyway).
+        for raw in src.values():
             tag = int(raw.tag)
             if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
                 raw = src[tag]  # a deferred read: load it now, the copy has no file behind it
@@ -519,7 +533,7 @@ class _Run:
             _put(out, tag, self._copy(src, raw))
             self._note(path, tag, name, label, Effect.KEPT)
         elif vr in _TEXT_VRS and vr != "AE" and vr != "UR":
-            values = _strings(src[tag].value)
+            values = _strings(_value(src, raw))
             cleaned = [clean_text(v) for v in values]
             if values and all(cleaned):
                 _put(out, tag, _elem(tag, vr, cleaned if len(cleaned) > 1 else cleaned[0]))
@@ -572,7 +586,7 @@ class _Run:
         """Patient name/ID and accession/study IDs get keyed pseudonyms instead of Z/D."""
         if tag not in (_PATIENT_NAME, _PATIENT_ID, _ACCESSION, _STUDY_ID):
             return False
-        original = " ".join(_strings(src[tag].value)).strip()
+        original = " ".join(_strings(_value(src, src.get_item(tag)))).strip()
         if not original:
             _put(out, tag, _elem(tag, vr, None))
             self._note(path, tag, name, label, Effect.EMPTIED)

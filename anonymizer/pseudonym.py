@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import hashlib
 import hmac
 
 # Dates move back by 1 to 10 years (whole days), so intervals within a patient are preserved
@@ -21,7 +20,7 @@ MAX_SHIFT_DAYS = 3650
 
 def _digest(key: bytes, domain: str, value: str) -> bytes:
     msg = domain.encode("ascii") + b"\x00" + value.encode("utf-8", "surrogateescape")
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac.digest(key, msg, "sha256")  # one-shot C implementation
 
 
 def pseudo_uid(key: bytes, uid: str) -> str:
