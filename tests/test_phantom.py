@@ -224,7 +224,24 @@ def test_slice_count_and_fov() -> None:
     head = PhantomOptions(fov="head", slice_thickness=1.0)
     from inference.phantom.generate import scanner_geometry
 
-    assert scanner_geometry(head).shape[0] == 258
+    assert scanner_geometry(head).shape[0] == 278
     assert scanner_geometry(PhantomOptions(slice_thickness=0.5)).shape[0] == 600
     assert scanner_geometry(PhantomOptions(n_slices=300, matrix=512)).shape == (300, 512, 512)
     assert scanner_geometry(PhantomOptions(pixel_spacing=0.5, matrix=64)).spacing[1] == 0.5
+
+
+def test_face_detector_fires_on_the_rendered_skin_surface() -> None:
+    """Issue 6: the phantom's face must look like a face to dlib: the front view above the
+    audit's gate threshold, the ±30° views above dlib's own threshold."""
+    from inference.audit.detect import detect_faces
+    from inference.audit.render import render_views
+    from inference.audit.report import DETECT_THRESHOLD
+
+    ph = cached_phantom(matrix=128, slice_thickness=2.0, fov="head")
+    views = render_views(ph.hu, ph.geometry, (-30.0, 0.0, 30.0), 512)
+    scores = []
+    for view in views:
+        faces = detect_faces(view.image, 0, report_above=-1.0)
+        scores.append(faces[0].score if faces else -1.0)
+    assert scores[1] > DETECT_THRESHOLD
+    assert scores[0] > 0.0 and scores[2] > 0.0

@@ -129,7 +129,7 @@ def build_envelope(c: Canvas, v: Variation, *, tube: bool) -> None:
     for s in SIDES:
         ex = s * 31.5
         c.blend_skin(
-            lambda x, y, z, ex=ex: S.ellipsoid(x, y, z, (ex, -88, 16), (17, 12, 12)),
+            lambda x, y, z, ex=ex: S.ellipsoid(x, y, z, (ex, -90, 16), (18, 14, 13)),
             ((ex - 25, ex + 25), (-110, -65), (-5, 35)),
             6,
             mode="subtract",

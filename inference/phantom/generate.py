@@ -26,7 +26,7 @@ MODEL_LO = np.array([-92.0, -142.0, -262.0])
 MODEL_HI = np.array([92.0, 112.0, 137.0])
 #: Scanned z range in patient coordinates (superior end, inferior end per FOV), mm.
 Z_TOP = 142.0
-Z_BOTTOM = {"head": -115.0, "head_neck": -235.0}
+Z_BOTTOM = {"head": -135.0, "head_neck": -235.0}
 MAX_SLICES = 600
 HU_HOLDER, HU_TABLE = 200.0, 300.0
 _FACEMASK_BIT = np.uint8(16)
