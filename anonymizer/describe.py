@@ -68,7 +68,7 @@ def describe(profile: Profile) -> list[str]:
     lines = [
         f"PS3.15 Table E.1-1 ({STANDARD_EDITION}), Basic Application Level Confidentiality Profile",
         f"options: {opts}",
-        f"pseudonyms: HMAC-SHA256 keyed; patient '{profile.project_prefix}-' + 12 characters",
+        f"pseudonyms: HMAC-SHA256 keyed; patient '{profile.project_prefix}-' + 16 hex digits",
         "unlisted numeric/coded/binary: keep; unlisted well-known UID: keep; other UID: keyed",
         "unlisted date/time: "
         + ("shift dates, keep times" if profile.retain_longitudinal_modified_dates else "remove"),

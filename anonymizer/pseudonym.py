@@ -8,7 +8,6 @@ label so a patient ID and a UID with the same text never share a digest.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import hmac
 
@@ -29,18 +28,17 @@ def pseudo_uid(key: bytes, uid: str) -> str:
 
 
 def _code(key: bytes, domain: str, value: str, length: int) -> str:
-    # 5 bytes → 8 base32 characters; encode only what the code needs (it is per instance).
-    text = base64.b32encode(_digest(key, domain, value)[: (length * 5 + 7) // 8 + 1]).decode()
-    return text[:length]
+    # Upper-case hex: 4 bits per character, encoded in C (base64.b32encode is pure Python).
+    return _digest(key, domain, value).hex()[:length].upper()
 
 
 def pseudo_patient_id(key: bytes, prefix: str, patient_id: str) -> str:
-    """``PREFIX-XXXXXXXXXXXX``: 12 base32 characters (60 bits) after the project prefix."""
-    return f"{prefix}-{_code(key, 'patient', patient_id.strip(), 12)}"
+    """``PREFIX-XXXXXXXXXXXXXXXX``: 16 hex digits (64 bits) after the project prefix."""
+    return f"{prefix}-{_code(key, 'patient', patient_id.strip(), 16)}"
 
 
 def pseudo_short_id(key: bytes, domain: str, value: str) -> str:
-    """A 16-character keyed code for SH identifiers (Accession Number, Study ID)."""
+    """A 16-hex-digit (64-bit) keyed code for SH identifiers (Accession Number, Study ID)."""
     return _code(key, domain, value.strip(), 16)
 
 
