@@ -184,8 +184,9 @@ def _name(tag: int) -> str:
 
 
 def _vr_of(elem: DataElement | RawDataElement) -> str:
+    """The element's VR; implicit (None) or UN-encoded public tags get the dictionary VR."""
     vr = elem.VR
-    if vr:
+    if vr and vr != "UN":
         return str(vr)
     try:
         return str(dictionary_VR(elem.tag))
@@ -352,12 +353,18 @@ class _Run:
         if not self.profile.safe_private:
             return {}
         blocks: dict[int, frozenset[int]] = {}
-        for entry in self.profile.safe_private:
-            for block in range(0x10, 0x100):
-                creator_tag = (entry.group << 16) | block
-                if creator_tag in src and str(src[creator_tag].value).strip() == entry.creator:
-                    allowed = blocks.get(creator_tag, frozenset())
-                    blocks[creator_tag] = allowed | {entry.offset}
+        for raw in src.values():
+            tag = int(raw.tag)
+            if not (tag >> 16) & 1 or not 0x0010 <= (tag & 0xFFFF) <= 0x00FF:
+                continue  # not a private creator element
+            creator = " ".join(_strings(_value(src, raw))).strip()
+            offsets = frozenset(
+                e.offset
+                for e in self.profile.safe_private
+                if e.group == tag >> 16 and e.creator == creator
+            )
+            if offsets:
+                blocks[tag] = offsets
         return blocks
 
     def _private(

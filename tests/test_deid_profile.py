@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ImplicitVRLittleEndian
 
 from anonymizer import (
     DeidentificationError,
@@ -131,6 +132,27 @@ def test_deferred_reads_are_loaded_not_lost(tmp_path: Path) -> None:
     lazy = deidentify(dcmread(path, defer_size=64), profile(), facemask_applied=True)
     assert to_bytes(lazy) == to_bytes(eager)
     assert len(lazy.PixelData) == 16 * 16 * 2
+
+
+def test_implicit_vr_input_gets_the_same_decisions(tmp_path: Path) -> None:
+    """Implicit VR files reach us as raw elements without VR: the dictionary VR decides."""
+    series, planted = phi_series(30, slices=1)
+    ds = series[0]
+    explicit = deidentify(dcmread(io.BytesIO(to_bytes(ds))), profile(), facemask_applied=True)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "implicit.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    read = dcmread(path)
+    assert read.get_item(0x00100010).VR is None  # really raw, VR unknown
+    implicit = deidentify(read, profile(), facemask_applied=True)
+    assert sorted(e.tag for e in implicit.iterall()) == sorted(e.tag for e in explicit.iterall())
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
+        assert str(implicit[keyword].value) == str(explicit[keyword].value)
+    assert _leaks_in(planted, to_bytes(implicit)) == []
+
+
+def _leaks_in(planted: list[str], blob: bytes) -> list[str]:
+    return [s for s in planted if s.encode("latin-1") in blob]
 
 
 def test_reid_lookup_written_0600_and_matches_output(tmp_path: Path) -> None:
