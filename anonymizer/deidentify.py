@@ -7,8 +7,9 @@ plus the few documented rules below for what the table does not list:
 - Combined actions (E.1.1: "X unless Z/D is required to keep the IOD valid"): the gateway does
   not know the Type of an attribute in every IOD it may receive, so it takes the choice that is
   valid whatever the Type — anything with D → D (a dummy value), X/Z → Z (empty), X/Z/U* → U
-  (the sequence stays, its UIDs are replaced). For sequences, a Z in the code → empty sequence,
-  and D → its items are rebuilt under the strict rules (a "dummy" sequence without PHI).
+  (the sequence stays, its UIDs are replaced). Sequences differ: an empty sequence is valid
+  only for Type 2, so X/Z, X/D and X/Z/D remove them and Z/D empties them; a D sequence has its
+  items rebuilt under the strict rules (a "dummy" sequence: structure kept, no content).
 - Attributes the table does not list ("unlisted"), deny by default where they could carry PHI:
   numeric, coded (CS) and binary values are kept; UIDs are kept when they are well-known
   (a registered SOP Class, Transfer Syntax...) and replaced otherwise; dates are removed (or
@@ -109,10 +110,8 @@ SAFE_TEXT = frozenset(
         "CodeMeaning",
         "LongCodeValue",
         "URNCodeValue",
-        "ContextGroupVersion",
         "MappingResourceName",
         "ReconstructionMethod",
-        "CalciumScoringMassFactorDevice",
     }
 )
 
