@@ -72,10 +72,16 @@ class DefaceSettings(_Section):
 class DeidSettings(_Section):
     """Header de-identification profile (PS3.15 Annex E) and pseudonym keys."""
 
+    # Validation errors must never echo the input: it holds the key.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     key: SecretStr | None = Field(
         None, description="HMAC key for UIDs, IDs and date shifts. Required by the gateway."
     )
-    project_prefix: str = Field("DG", max_length=16)
+    key_file: Path | None = Field(
+        None, description="File holding the key (e.g. a container secret), instead of key."
+    )
+    project_prefix: str = Field("DG", pattern=r"^[A-Za-z0-9]{1,16}$")
     retain_longitudinal_modified_dates: bool = False
     retain_patient_characteristics: bool = False
     retain_device_identity: bool = False
@@ -84,6 +90,21 @@ class DeidSettings(_Section):
     retain_safe_private: list[str] = Field(default_factory=list)
     retain_uids: bool = False
     reid_lookup_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _load_key(self) -> DeidSettings:
+        """Read ``key_file`` once, here in the entry point; check the key's length."""
+        if self.key_file is not None:
+            if self.key is not None:
+                raise ValueError("set deid.key or deid.key_file, not both")
+            try:
+                text = self.key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"deid.key_file unreadable: {exc.strerror}") from None
+            object.__setattr__(self, "key", SecretStr(text))  # frozen model: set once here
+        if self.key is not None and len(self.key.get_secret_value().encode()) < 16:
+            raise ValueError("deid.key must be at least 16 bytes")
+        return self
 
 
 class DestinationTLS(_Section):
@@ -244,6 +265,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        hide_input_in_errors=True,  # errors must not echo secrets (deid.key, broker URLs)
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

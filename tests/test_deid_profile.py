@@ -231,3 +231,19 @@ def test_cli_dry_run_prints_masked_plan(tmp_path: Path) -> None:
     assert "(0009,1012)[0]>" not in proc.stdout  # private sequences are dropped, not entered
     assert "Private" in proc.stdout and "removed" in proc.stdout
     assert [s for s in planted if s in proc.stdout + proc.stderr] == []
+
+
+def test_settings_key_file_and_errors_never_echo_the_key(tmp_path: Path) -> None:
+    from gateway.config import DeidSettings, load_settings
+
+    secret = tmp_path / "deid_key"
+    secret.write_text(KEY.decode() + "\n")
+    assert DeidSettings(key_file=secret).key.get_secret_value() == KEY.decode()  # type: ignore[union-attr]
+    for overrides in (
+        {"deid": {"key": "tooshort-secret"}},
+        {"deid": {"key": "tooshort-secret", "key_file": str(secret)}},
+        {"deid": {"key": "tooshort-secret", "project_prefix": "no spaces"}},
+    ):
+        with pytest.raises(ValueError) as err:
+            load_settings(**overrides)
+        assert "tooshort-secret" not in str(err.value)
