@@ -15,7 +15,8 @@ TIME = re.compile(r"^\d{6}\.\d{6}$")
 
 
 def _leaks(planted: list[str], blob: bytes) -> list[str]:
-    return [s for s in planted if s.encode("latin-1") in blob]
+    """Planted strings found in ``blob``, as written or upper-cased (PN/CS normalisation)."""
+    return [s for s in planted if s.encode("latin-1") in blob or s.upper().encode() in blob]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -54,3 +55,14 @@ def test_modified_dates_profile_shifts_every_planted_date() -> None:
     assert all(TIME.match(s) for s in leaks), leaks
     assert out[0].LongitudinalTemporalInformationModified == "MODIFIED"
     assert out[0].StudyDate and out[0].StudyDate != series[0].StudyDate
+
+
+def test_sweep_detects_what_an_option_retains() -> None:
+    """The sweep can fail: retained institution and device identity show up in it."""
+    series, planted = phi_series(6)
+    prof = profile(retain_institution_identity=True, retain_device_identity=True)
+    out = [deidentify(ds, prof, facemask_applied=True) for ds in series]
+    leaks = _leaks(planted, b"".join(to_bytes(ds) for ds in out))
+    assert str(series[0].InstitutionName) in leaks
+    assert str(series[0].DeviceSerialNumber) in leaks
+    assert str(series[0].PatientID) not in leaks
