@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support (the rig)
 
+from pydicom import dcmread
+
 from inference.phantom import PhantomOptions, generate_phantom, write_phantom
 from tests.support.gateway import GatewayProcess, RedisServer, WorkerProcess, write_config
 from tests.support.pacs import LOCALHOST, Orthanc, storescu, wait_for
@@ -38,7 +40,9 @@ def main() -> int:
         started = time.perf_counter()
         phantom = generate_phantom(PhantomOptions(seed=1, matrix=args.matrix, n_slices=args.slices))
         series = write_phantom(phantom, root / "phantom")
-        n = len(list(series.iterdir()))
+        files = sorted(series.iterdir())
+        n = len(files)
+        series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         del phantom
         print(f"phantom {n}×{args.matrix}² written in {time.perf_counter() - started:.1f} s")
 
@@ -76,6 +80,7 @@ def main() -> int:
 
         wait_for(arrived, args.timeout, f"{n} instances in Orthanc", interval=0.1)
         latency = time.perf_counter() - last_response
+        wait_for(lambda: gateway.state(series_uid) == "done", 60, "series done", interval=0.1)
         logs = gateway.log_text()
         if args.mode == "redis":
             logs += (root / "gw" / "worker.log").read_text(errors="replace")
