@@ -258,6 +258,7 @@ class StorageSCP:
         )
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread.is_alive():
+            self.server.shutdown()  # blocks until serve_forever returns: only if it runs
+            self._thread.join(timeout=10)
         self.server.server_close()
-        self._thread.join(timeout=10)

@@ -108,9 +108,9 @@ class Gateway:
     """One gateway process. ``start()`` returns once the SCP listens; ``stop()`` is graceful
     (the job in progress completes)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ctx: Context | None = None) -> None:
         self.settings = settings
-        self.ctx = Context.from_settings(settings)
+        self.ctx = ctx or Context.from_settings(settings)
         self.embedded = settings.celery.broker_url is None
         self.dispatcher: Dispatcher = (
             EmbeddedDispatcher(self.ctx) if self.embedded else CeleryDispatcher(settings)
