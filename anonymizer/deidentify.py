@@ -592,7 +592,7 @@ class _Run:
         """Patient name/ID and accession/study IDs get keyed pseudonyms instead of Z/D."""
         if tag not in (_PATIENT_NAME, _PATIENT_ID, _ACCESSION, _STUDY_ID):
             return False
-        original = " ".join(_strings(_value(src, src.get_item(tag)))).strip()
+        original = _text(src, tag)
         if not original:
             _put(out, tag, _elem(tag, vr, None))
             self._note(path, tag, name, label, Effect.EMPTIED)
@@ -602,11 +602,7 @@ class _Run:
             if tag == _PATIENT_NAME:
                 # Name and ID carry the same code, derived from the ID when there is one, so a
                 # patient's name pseudonym is stable even if the name is spelt differently.
-                pid = (
-                    " ".join(_strings(src.get(_PATIENT_ID).value)).strip()
-                    if (_PATIENT_ID in src)
-                    else ""
-                )
+                pid = _text(src, _PATIENT_ID)
                 value = pseudonym.pseudo_patient_id(
                     self.key, self.profile.project_prefix, pid or original
                 ).replace("-", "^", 1)  # PN form family^given (PS3.5 6.2.1.1)
@@ -633,7 +629,7 @@ class _Run:
     def _sequence(
         self, src: Dataset, out: Dataset, tag: int, strict: bool, path: str, name: str, label: str
     ) -> None:
-        items = src[tag].value or []
+        items = _value(src, src.get_item(tag)) or []
         here = f"{path}{_tag_str(tag)}"
         effect_label = f"{label}{' (as dummy)' if strict else ''}"
         self._note(path, tag, name, effect_label, Effect.ITEMS, f"{len(items)} item(s)")
@@ -669,12 +665,13 @@ def clean_text(value: str) -> str:
 
 def patient_key(ds: Dataset) -> str:
     """What identifies the patient for the date shift: Patient ID, else Patient's Name."""
-    for tag in (_PATIENT_ID, _PATIENT_NAME):
-        if tag in ds:
-            value = " ".join(_strings(ds[tag].value)).strip()
-            if value:
-                return value
-    return ""
+    return _text(ds, _PATIENT_ID) or _text(ds, _PATIENT_NAME)
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    """The stripped text of ``tag`` in ``ds`` ("" if absent), decoded without caching."""
+    raw = ds.get_item(tag)
+    return " ".join(_strings(_value(ds, raw))).strip() if raw is not None else ""
 
 
 @lru_cache(maxsize=64)
@@ -739,8 +736,7 @@ def _file_meta(src: Dataset, out: Dataset, key: bytes, retain_uids: bool) -> Non
 def _run(
     ds: Dataset, profile: Profile, facemask_applied: bool, trace: bool
 ) -> tuple[Dataset, list[Decision]]:
-    burned = ds.get("BurnedInAnnotation")
-    if burned is not None and str(burned).strip().upper() == "YES":
+    if _text(ds, 0x00280301).upper() == "YES":  # Burned In Annotation
         raise DeidentificationError(
             "BurnedInAnnotation is YES: burned-in text cannot be removed, instance refused"
         )

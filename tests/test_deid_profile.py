@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.uid import ImplicitVRLittleEndian
 
 from anonymizer import (
@@ -122,6 +123,11 @@ def test_deidentify_is_pure() -> None:
     out2 = deidentify(read, profile(), facemask_applied=True)
     assert to_bytes(out2) == to_bytes(deidentify(ds, profile(), facemask_applied=True))
     assert to_bytes(read) == before
+    # Not even pydicom's lazy conversion was cached into the input: it is still all raw.
+    fresh = dcmread(io.BytesIO(before))
+    deidentify(fresh, profile(), facemask_applied=True)
+    converted = [e.tag for e in fresh.values() if not isinstance(e, RawDataElement)]
+    assert converted in ([], [0x00080005])  # pydicom decodes Specific Character Set itself
 
 
 def test_deferred_reads_are_loaded_not_lost(tmp_path: Path) -> None:
