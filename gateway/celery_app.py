@@ -12,7 +12,7 @@ re-queues work whose lease expired, and a duplicate finds nothing to claim.
 
 from __future__ import annotations
 
-from celery import Celery, Task
+from celery import Celery, Task  # type: ignore[import-untyped]
 
 from gateway.config import Settings
 from gateway.state import Stage

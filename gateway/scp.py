@@ -24,32 +24,31 @@ from typing import Any, cast
 from pydicom.uid import (
     JPEG2000,
     UID,
+    ComprehensiveSRStorage,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    EnhancedSRStorage,
     ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    RLELossless,
-)
-from pydicom.uid import JPEGLossless as JPEGLosslessP14
-from pynetdicom import AE, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import (
-    ComprehensiveSRStorage,
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedSRStorage,
-    GrayscaleSoftcopyPresentationStateStorage,
     LegacyConvertedEnhancedCTImageStorage,
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
+    RLELossless,
     SecondaryCaptureImageStorage,
-    Verification,
     XRayRadiationDoseSRStorage,
 )
+from pydicom.uid import JPEGLossless as JPEGLosslessP14
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.config import GatewaySettings
@@ -59,6 +58,8 @@ from gateway.state import Kind, StateStore
 from gateway.statuses import Status
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = UID("1.2.840.10008.1.1")  # Verification SOP Class (PS3.4 A.4)
 
 CT_SOP_CLASSES: frozenset[str] = frozenset(
     {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
@@ -107,8 +108,9 @@ def caller_allowed(settings: GatewaySettings, calling_ae: str, address: str) -> 
 def handle_requested(event: Event, settings: GatewaySettings) -> None:
     """EVT_REQUESTED: reject unknown callers / wrong called AE with A-ASSOCIATE-RJ."""
     assoc = event.assoc
-    calling = assoc.requestor.ae_title or assoc.requestor.primitive.calling_ae_title
-    called = assoc.requestor.primitive.called_ae_title
+    request = cast(A_ASSOCIATE, assoc.requestor.primitive)
+    calling = request.calling_ae_title
+    called = request.called_ae_title
     address = assoc.requestor.address
     if not caller_allowed(settings, calling, address):
         log.warning("association rejected: calling AE not allowed (from %s)", address)
@@ -140,7 +142,7 @@ def handle_store(
     except Exception as exc:  # pydicom raises many types on corrupt input
         log.warning("C-STORE refused: undecodable dataset (%s)", type(exc).__name__)
         return Status.CANNOT_UNDERSTAND
-    request = event.request
+    request = cast(C_STORE, event.request)
     if sop_uid != str(request.AffectedSOPInstanceUID).strip() or sop_class != str(
         request.AffectedSOPClassUID
     ).strip("\0 "):
@@ -212,7 +214,7 @@ def build_ae(settings: GatewaySettings) -> AE:
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s
     ae.network_timeout = settings.network_timeout_s
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in sorted(CT_SOP_CLASSES | QUARANTINED_SOP_CLASSES):
         ae.add_supported_context(UID(sop_class), list(TRANSFER_SYNTAXES))
     return ae

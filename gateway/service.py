@@ -145,9 +145,8 @@ class Gateway:
         store, spool = self.ctx.store, self.ctx.spool
         for rec in store.settle(gw.quiet_period_s):
             log.info("series %s job %d: %s", rec.log_id, rec.generation, rec.state)
-        if not self.embedded:
-            for rec in store.reap(gw.lease_timeout_s):
-                log.warning("series %s: lease expired, re-queued as %s", rec.log_id, rec.state)
+        for rec in store.reap(gw.lease_timeout_s):
+            log.warning("series %s: lease expired, re-queued as %s", rec.log_id, rec.state)
         for stage, rec in store.undispatched():
             self.dispatcher.dispatch(stage, rec.series_uid, rec.generation)
             store.mark_dispatched(rec.series_uid, rec.generation, stage)

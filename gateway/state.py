@@ -180,11 +180,11 @@ class StateStore:
     def _db(self) -> Iterator[sqlite3.Connection]:
         """This thread's connection (one per thread and process: a C-STORE costs no
         connect; a forked Celery child never reuses its parent's)."""
-        key = (os.getpid(), threading.get_ident())
-        db = self._local.__dict__.get(key)
-        if db is None:
+        local = self._local
+        db: sqlite3.Connection | None = getattr(local, "db", None)
+        if db is None or getattr(local, "pid", None) != os.getpid():
             db = self._connect()
-            self._local.__dict__[key] = db
+            local.db, local.pid = db, os.getpid()
         yield db
 
     @contextmanager

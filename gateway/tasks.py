@@ -299,6 +299,20 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
                     attempts=record.attempts + 1,
                 )
                 return Outcome.FAILED
+            except Exception as exc:  # a bug or local I/O error: dead-letter, keep files
+                log.error(
+                    "series %s job %d: forward failed (%s)", lid, generation, type(exc).__name__
+                )
+                log.debug("forward failure", exc_info=True)
+                store.finish(
+                    series_uid,
+                    generation,
+                    owner,
+                    State.FAILED,
+                    failed_stage=Stage.FORWARD.value,
+                    reason=type(exc).__name__,
+                )
+                return Outcome.FAILED
             store.confirm(series_uid, generation, owner, key, result.confirmed)
     if not store.finish(series_uid, generation, owner, State.DONE, reason=None):
         return _superseded(ctx, series_uid, generation, written=False)

@@ -16,9 +16,6 @@ HELP = "run the DICOM gateway (C-STORE SCP → deface → forward)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="override gateway.port (0 = ephemeral)")
-    parser.add_argument(
-        "--port-file", help="write the bound port to this file once listening (for tests)"
-    )
 
 
 def check(settings: Settings) -> str | None:
@@ -51,11 +48,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ValueError) as exc:
         print(f"defacegate serve: cannot start: {exc}", file=sys.stderr)
         return 1
-    if args.port_file:
-        from pathlib import Path
-
-        from gateway.spool import atomic_write
-
-        atomic_write(Path(args.port_file), str(service.port).encode(), fsync=False)
     service.run_until(stop)
     return 0

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from celery.signals import worker_process_init
+    from celery.signals import worker_process_init  # type: ignore[import-untyped]
 
     from gateway.celery_app import create_app
     from gateway.tasks import get_engine
