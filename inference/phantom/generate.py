@@ -177,6 +177,52 @@ def _add_head_holder(hu: np.ndarray, geometry: Geometry, back_y: float) -> None:
         sl[table & air] = HU_TABLE
 
 
+def _resample(
+    src: np.ndarray,
+    occupied: np.ndarray,
+    lin: np.ndarray,
+    off: np.ndarray,
+    shape: tuple[int, int, int],
+    order: int,
+    cval: float,
+) -> np.ndarray:
+    """Sample ``src`` at ``lin @ index + off`` for every output index, only over the output
+    box that can see ``occupied`` source voxels (the rest is ``cval``): the head fills about
+    half of a 250 mm field of view, so this halves the cost."""
+    out = np.full(shape, cval, dtype=src.dtype)
+    nz = [
+        np.flatnonzero(occupied.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)
+    ]
+    if any(len(n) == 0 for n in nz):
+        return out
+    lo = np.array([n[0] - 1 for n in nz], float)
+    hi = np.array([n[-1] + 1 for n in nz], float)
+    corners = np.array(
+        [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
+    )
+    idx = np.linalg.solve(lin, (corners - off).T).T  # source → output index
+    o0 = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, np.array(shape))
+    o1 = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, np.array(shape))
+    if np.any(o1 <= o0):
+        return out
+    sub = tuple(int(b - a) for a, b in zip(o0, o1, strict=True))
+    # A diagonal map (no rotation, no tilt) takes scipy's much faster zoom/shift path.
+    diagonal = np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9)
+    matrix = np.diag(lin).copy() if diagonal else lin
+    out[o0[0] : o1[0], o0[1] : o1[1], o0[2] : o1[2]] = ndimage.affine_transform(
+        src,
+        matrix,
+        off + lin @ o0,
+        output_shape=sub,
+        output=src.dtype,
+        order=order,
+        mode="constant",
+        cval=cval,
+        prefilter=False,
+    )
+    return out
+
+
 def generate_phantom(options: PhantomOptions) -> Phantom:
     """Synthesise the volume and its ground truth; same options (and seed) → same arrays."""
     rng = np.random.default_rng(options.seed)
@@ -193,33 +239,10 @@ def generate_phantom(options: PhantomOptions) -> Phantom:
     perm = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], float)
     lin = perm @ (to_head @ geometry.affine[:3, :3]) / res
     off = perm @ ((to_head @ geometry.affine[:3, 3]) - canvas.lo) / res
-    # A diagonal map (no rotation, no tilt) takes scipy's much faster zoom/shift path.
-    diagonal = np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9)
-    matrix = np.diag(lin).copy() if diagonal else lin
-    hu = ndimage.affine_transform(
-        canvas.hu,
-        matrix,
-        off,
-        output_shape=geometry.shape,
-        output=np.float32,
-        order=1,
-        mode="constant",
-        cval=A.HU_AIR,
-        prefilter=False,
-    )
+    hu = _resample(canvas.hu, canvas.hu > A.HU_AIR + 1.0, lin, off, geometry.shape, 1, A.HU_AIR)
     labels = canvas.labels & INTRACRANIAL
     labels[face] |= _FACEMASK_BIT
-    lab = ndimage.affine_transform(
-        labels,
-        matrix,
-        off,
-        output_shape=geometry.shape,
-        output=np.uint8,
-        order=0,
-        mode="constant",
-        cval=0,
-        prefilter=False,
-    )
+    lab = _resample(labels, labels != 0, lin, off, geometry.shape, 0, 0)
     facemask = (lab & _FACEMASK_BIT) != 0
     intracranial = (lab & INTRACRANIAL) != 0
     del labels, lab
