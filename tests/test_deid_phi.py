@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from anonymizer import deidentify
-from tests.support.deid import phi_series, profile, to_bytes
+from tests.support.deid import KEY, phi_series, profile, to_bytes
 
 TIME = re.compile(r"^\d{6}\.\d{6}$")
 
@@ -28,6 +28,7 @@ def test_default_profile_leaves_no_planted_phi(seed: int) -> None:
     out = [deidentify(ds, profile(), facemask_applied=True) for ds in series]
     blob = b"".join(to_bytes(ds) for ds in out)
     assert _leaks(planted, blob) == []
+    assert KEY not in blob and KEY.hex().encode() not in blob  # the key is never written
     for raw in (to_bytes(ds) for ds in out):
         back = dcmread(io.BytesIO(raw))
         assert back.PatientIdentityRemoved == "YES"
