@@ -202,6 +202,7 @@ def _elem(tag: int, vr: str, value: Any) -> DataElement:
 
     Both cost per element per instance, and the header stage must do ≥ 1,000 instances/s.
     """
+    tag = BaseTag(tag)  # DataElement would otherwise parse it with the general Tag()
     if isinstance(value, str) and vr in _STR_VRS:
         return DataElement(tag, vr, value, already_converted=True, validation_mode=config.IGNORE)
     return DataElement(tag, vr, value, validation_mode=config.IGNORE)
