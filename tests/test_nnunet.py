@@ -405,3 +405,17 @@ def test_install_rejects_zip_slip_links_and_invalid_models(model_dir: Path, tmp_
 def _write(path: Path) -> Path:
     path.write_text("hello")
     return path
+
+
+def test_default_roi_comes_from_the_anatomical_face_region(model_dir: Path) -> None:
+    from inference.engines.anatomical import face_region
+    from inference.phantom import PhantomOptions, generate_phantom
+
+    ph = generate_phantom(PhantomOptions(matrix=128, n_slices=100, slice_thickness=2.0))
+    engine = NnUNetEngine(model_dir, NnUNetOptions(roi_margin_mm=10.0))
+    region = engine.region(ph.hu, ph.geometry)
+    inner = face_region(ph.hu, ph.geometry, margin_mm=10.0)
+    for r, i in zip(region, inner, strict=True):
+        assert r.start <= i.start and r.stop >= i.stop and r.stop - r.start >= 16
+    assert ph.facemask[region].sum() == ph.facemask.sum()  # the whole face is in the crop
+    assert np.prod([s.stop - s.start for s in region]) < ph.hu.size  # and it is a crop
