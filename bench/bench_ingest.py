@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support (the rig)
 
@@ -62,14 +63,16 @@ class BarePynetdicomSCP:
         ae.add_supported_context(CTImageStorage)
 
         def store(event: evt.Event) -> int:
-            name = f"{event.request.AffectedSOPInstanceUID}.dcm"
+            name = f"{event.request.AffectedSOPInstanceUID}.dcm"  # type: ignore[union-attr]
             (out_dir / name).write_bytes(event.encoded_dataset(include_meta=True))
             return 0x0000
 
         def nodelay(event: evt.Event) -> None:
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = event.assoc.dul.socket
+            if sock is not None and sock.socket is not None:
+                sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        self.server = ae.start_server(
+        self.server: ThreadedAssociationServer = ae.start_server(  # type: ignore[assignment]
             (LOCALHOST, self.port),
             block=False,
             evt_handlers=[(evt.EVT_C_STORE, store), (evt.EVT_CONN_OPEN, nodelay)],

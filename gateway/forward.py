@@ -217,7 +217,7 @@ def _contexts(instances: Sequence[_Instance], name: str) -> list[PresentationCon
         )
     contexts = []
     for sop_class, ts in pairs:
-        syntaxes = [ts]
+        syntaxes: list[str | UID] = [ts]
         if not ts.is_compressed and ts.is_little_endian:
             syntaxes += [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != ts]
         contexts.append(build_context(sop_class, syntaxes))

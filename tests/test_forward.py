@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.config import Destination, DestinationTLS, ForwardSettings
 from gateway.forward import (
@@ -40,20 +41,27 @@ from tests.support.pacs import (
 
 __all__ = ["orthanc", "storescp", "tls_files"]  # fixtures, imported explicitly
 
-FAST = ForwardSettings(
-    retries=1, connect_timeout_s=3, acse_timeout_s=5, dimse_timeout_s=5, network_timeout_s=10
+FAST = ForwardSettings.model_validate(
+    {
+        "retries": 1,
+        "connect_timeout_s": 3,
+        "acse_timeout_s": 5,
+        "dimse_timeout_s": 5,
+        "network_timeout_s": 10,
+    }
 )
 
 
-def write_series(directory: Path, n: int = 5, transfer_syntax: str | None = None) -> list[Path]:
+def write_series(
+    directory: Path, n: int = 5, transfer_syntax: str = ExplicitVRLittleEndian
+) -> list[Path]:
     """A small CT series on disk (n slices of 32×32), as the pipeline leaves it in the spool."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     hu = rng.integers(-1000, 1500, size=(n, 32, 32)).astype(np.float64)
     geometry = Geometry(affine=np.diag([2.0, 0.5, 0.5, 1.0]), shape=(n, 32, 32))
-    kwargs = {"transfer_syntax": transfer_syntax} if transfer_syntax else {}
     paths = []
-    for k, ds in enumerate(make_ct_series(hu, geometry, **kwargs)):
+    for k, ds in enumerate(make_ct_series(hu, geometry, transfer_syntax=transfer_syntax)):
         path = directory / f"{k:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -290,7 +298,8 @@ def test_tls_to_storescp_verifies_the_server_certificate(
         assert sop_uids(scp.received()) == sop_uids(paths)
         # A CA that did not sign the server certificate: the handshake fails.
         other = tls_files.server_cert  # a leaf certificate is not a CA for itself
-        bad = dest("STORESCP", scp.port, DestinationTLS(ca_file=other, check_hostname=False))
+        bad_tls = DestinationTLS(ca_file=other, cert_file=None, key_file=None, check_hostname=False)
+        bad = dest("STORESCP", scp.port, bad_tls)
         with pytest.raises(TransientForwardError, match="no association"):
             forward_series(paths, bad, FAST)
 
@@ -308,14 +317,14 @@ class ScriptedSCP:
         self.port = free_port()
         ae = AE(ae_title="SCRIPTED")
         ae.add_supported_context(CTImageStorage)
-        self.server = ae.start_server(
+        self.server: ThreadedAssociationServer = ae.start_server(  # type: ignore[assignment]
             (LOCALHOST, self.port),
             block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._store)],
         )
 
     def _store(self, event: evt.Event) -> int:
-        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        self.received.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
         return self.statuses.popleft() if self.statuses else StoreStatus.SUCCESS
 
     def close(self) -> None:

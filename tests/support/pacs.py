@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import trustme
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 LOCALHOST = "127.0.0.1"
