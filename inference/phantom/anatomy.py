@@ -362,7 +362,7 @@ def paint_mandible_and_teeth(c: Canvas) -> None:
                     tx = s * 40.0 * ang
                     ty = front + (back - front) * ang * ang
                     crown = S.ellipsoid(
-                        x, y, z, (tx, ty, zc), (3.6 + 1.4 * ang, 3.5 + 2 * ang, 5.5)
+                        x, y, z, (tx, ty, zc), (4.0 + 1.0 * ang, 3.5 + 2 * ang, 6.0)
                     )
                     root = S.capsule(x, y, z, (tx, ty, zc), (tx, ty, zc + direction * 14), 2.2)
                     d = np.minimum(d, np.minimum(crown, root))
@@ -380,13 +380,13 @@ def paint_mandible_and_teeth(c: Canvas) -> None:
 
     c.paint(alveolus, ((-50, 50), (-95, -30), (-40, -16)), bone_hu, set_bits=BONE)
     c.paint(
-        teeth(-85.5, -40.0, -41.5, 1.0),
+        teeth(-85.5, -40.0, -42.5, 1.0),
         ((-50, 50), (-95, -30), (-50, -20)),
         tooth_hu,
         set_bits=BONE,
     )
     c.paint(
-        teeth(-83.0, -40.0, -50.5, -1.0),
+        teeth(-83.0, -40.0, -50.0, -1.0),
         ((-50, 50), (-95, -30), (-70, -40)),
         tooth_hu,
         set_bits=BONE,
@@ -655,7 +655,7 @@ def facemask(c: Canvas) -> np.ndarray:
     """Ground-truth facemask on the canvas (bool ``[z, y, x]``).
 
     Face region: from 60 mm above the Frankfurt plane (above the frontal sinus, whose top is
-    at ~47 mm) down to 3 mm below the lower border of the mandible, anterior to the
+    at ~47 mm) down to 1 mm below the lower border of the mandible, anterior to the
     temporo-mandibular joints (y < −8 mm) and medial to the ears (|x| < 72 mm). Inside it:
     soft tissue (not bone, not internal air) within ``FACEMASK_DEPTH`` of the skin whose
     straight path to the front (−y)
@@ -677,8 +677,8 @@ def facemask(c: Canvas) -> np.ndarray:
     blocked = np.logical_or.accumulate(bone, axis=1)
     soft = inside & ~bone & (c.hu[sl] > -500.0) & (depth <= FACEMASK_DEPTH)
     foreign = ((labels & FOREIGN) != 0) & (~inside | (depth <= FACEMASK_DEPTH))
-    # lower limit: the mandible's lower border (chin soft tissue down to 3 mm below menton)
-    z_low = -99.0 + 26.0 * np.clip(np.abs(x) / 50.0, 0.0, 1.0)
+    # lower limit: the mandible's lower border (chin soft tissue down to the menton)
+    z_low = -97.0 + 26.0 * np.clip(np.abs(x) / 50.0, 0.0, 1.0)
     inreg = (np.abs(x) < 72.0) & (y < -8.0) & (z >= z_low) & (z <= 60.0)
     region = np.broadcast_to(inreg, soft.shape)
     m = region & ~blocked & (soft | foreign) & ((labels & INTRACRANIAL) == 0)

@@ -161,13 +161,13 @@ def _paint(c: Canvas, options: PhantomOptions, v: A.Variation) -> np.ndarray:
 def _add_head_holder(hu: np.ndarray, geometry: Geometry, back_y: float) -> None:
     """A cradle under the occiput (4 mm air gap) and the table below it, in scanner space."""
     axis_y = back_y + 4.0 - 90.0
+    a = geometry.affine
+    r = np.arange(hu.shape[1], dtype=float)[:, None]
+    c = np.arange(hu.shape[2], dtype=float)[None, :]
+    x_rc = a[0, 3] + a[0, 1] * r + a[0, 2] * c
+    y_rc = a[1, 3] + a[1, 1] * r + a[1, 2] * c
     for k in range(hu.shape[0]):
-        n_r, n_c = hu.shape[1], hu.shape[2]
-        idx = np.stack(
-            np.meshgrid([k], np.arange(n_r), np.arange(n_c), indexing="ij"), axis=-1
-        ).reshape(-1, 3)
-        p = geometry.index_to_patient(idx).reshape(n_r, n_c, 3)
-        x, y = p[..., 0], p[..., 1]
+        x, y = x_rc + a[0, 0] * k, y_rc + a[1, 0] * k
         rad = np.hypot(x, y - axis_y)
         cradle = (rad >= 90.0) & (rad <= 96.0) & (y > axis_y + 40.0)
         table = (y >= back_y + 14.0) & (y <= back_y + 26.0) & (np.abs(x) < 200.0)
