@@ -98,7 +98,10 @@ class EmbeddedDispatcher:
             t.start()
 
     def stop(self) -> None:
+        """Finish the jobs in progress; queued ones are dropped (re-queued at start-up)."""
         for q in self.queues.values():
+            with q.mutex:
+                q.queue.clear()
             q.put(None)
         for t in self.threads:
             t.join()
