@@ -63,11 +63,17 @@ from inference.geometry import Geometry
 # Region bounds in the face frame (mm, relative to the midpoint of the eye globes).
 #: Top of the region: above the supraorbital ridge and the frontal sinus (~30 mm).
 TOP_MM = 45.0
-#: Bottom of the region below the menton.
-BELOW_CHIN_MM = 4.0
+#: Bottom of the region below the (bony) menton: soft tissue there is ~7–10 mm thick.
+BELOW_CHIN_MM = 10.0
+#: The jaw line: only bone below this height (mm) belongs to it, and how far sideways it
+#: is extended beyond the mandible (mm).
+JAW_TOP_MM = -55.0
+#: Tissue more than this below the mandible's lower border is neck, not face, mm.
+BELOW_JAW_MM = 20.0
+JAW_FILL_MM = 25.0
 #: Posterior bound: in front of the temporo-mandibular joints (porion is ~70 mm behind the
 #: globe centres), so the masseter region is included.
-POSTERIOR_MM = 58.0
+POSTERIOR_MM = 60.0
 #: Lateral bound (medial to the ears; bizygomatic half-width is ~65–70 mm).
 LATERAL_MM = 72.0
 #: Posterior bound and height range (s) of the ear extension.
@@ -75,11 +81,19 @@ EARS_POSTERIOR_MM = 110.0
 EARS_S_MM = (-70.0, 25.0)
 #: How far behind the skin the facial-bone front is searched, mm.
 FRONT_SEARCH_MM = 35.0
+#: The "everything anterior to the facial bones" rule applies below this height, mm.
+ANTERIOR_TOP_MM = -25.0
+#: Radius of the closing that seals orifices before the skin depth is measured, mm.
+CLOSE_MM = 8.0
+#: Enclosed components at least this large are the cranial cavity (given a safety margin).
+CRANIAL_MIN_MM3 = 50_000.0
 #: Largest gap across which the bone front is filled in (open mouth, nostrils), mm.
 FRONT_FILL_MM = 30.0
 #: Amplitude (sd) of the smooth random perturbation of depth and region bounds, mm.
 IRREGULAR_MM = 4.0
-#: Correlation length of that perturbation, mm.
+#: Range of the smooth random offset of the region bounds, mm (positive = outwards).
+REGION_JITTER_MM = (-1.0, 4.0)
+#: Correlation length of the perturbations, mm.
 IRREGULAR_SCALE_MM = 14.0
 #: Bone is only modified (smooth/remove) below this height: the skull vault is never touched.
 BROW_MM = 15.0
@@ -177,6 +191,12 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
     return (z - z.mean()) / max(float(z.std()), 1e-6)
 
 
+def _outward(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Smooth random offset of a region bound, mm, within REGION_JITTER_MM (mostly > 0)."""
+    lo, hi = REGION_JITTER_MM
+    return lo + (hi - lo) * (0.5 + 0.5 * np.tanh(_smooth_noise(rng, shape)))
+
+
 def _bone_front(bone: np.ndarray, filled: np.ndarray) -> np.ndarray:
     """Per (s, l) column, index along a (axis 1) of the first bone within
     FRONT_SEARCH_MM of the skin, seen from the front; gaps filled from neighbours up to
@@ -214,19 +234,34 @@ def _surface_bone(bone: np.ndarray, outside: np.ndarray) -> np.ndarray:
 def _protected(bone: np.ndarray, escape: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Voxels enclosed by bone: every axis ray meets bone (dilated by one voxel to close
     thin-bone gaps) or the edge of the field of view before reaching ``escape``."""
+    barrier = ndimage.binary_dilation(bone)
     lab = np.zeros(bone.shape, np.uint8)
     lab[escape] = 2
     lab[~valid] = 1
-    lab[ndimage.binary_dilation(bone)] = 1
-    enclosed = ~bone & valid
+    lab[barrier] = 1
+    enclosed = ~barrier & valid
     for axis in range(3):
         for forward in (True, False):
             enclosed &= first_label(lab, axis, forward) != 2
-    return ndimage.binary_dilation(enclosed)
+    # The cranial cavity (large enclosed components) grows back over the barrier shell (the
+    # tissue next to the inner table), then one more voxel but only into bone, so the skin
+    # over thin bone stays maskable. Small pockets (sinuses, orbital fat behind the rims,
+    # the oral cavity) stay protected as they are.
+    lab_e, n = ndimage.label(enclosed)
+    if n == 0:
+        return enclosed
+    sizes = np.bincount(lab_e.ravel())[1:] * WORK_MM**3
+    big = np.isin(lab_e, np.flatnonzero(sizes >= CRANIAL_MIN_MM3) + 1)
+    near = ndimage.binary_dilation(big)
+    return enclosed | near | (ndimage.binary_dilation(near) & bone)
 
 
 def face_fields(
-    lm: FaceLandmarks, coarse: Coarse, pview: PatientView, opts: AnatomicalOptions
+    lm: FaceLandmarks,
+    coarse: Coarse,
+    pview: PatientView,
+    opts: AnatomicalOptions,
+    debug: dict[str, np.ndarray] | None = None,
 ) -> FaceFields:
     """Compute the facemask as signed fields on a face-aligned 2 mm grid."""
     chin = lm.chin_s
@@ -240,8 +275,16 @@ def face_fields(
     body = resample(pview.body, pview.grid, grid) > 0.5
     filled = (resample(pview.filled, pview.grid, grid) > 0.5) | body
 
-    outside = valid & ~filled
-    foreign = valid & (mean > AIR_HU) & ~body
+    # Seal orifices (nostrils, mouth, ear folds) up to ~2 CLOSE_MM wide so that the airway
+    # never counts as "outside": closing by distance transforms (cheap at any radius).
+    grown = ndimage.distance_transform_edt(~filled, sampling=WORK_MM) <= CLOSE_MM
+    sealed = ndimage.distance_transform_edt(grown, sampling=WORK_MM) > CLOSE_MM
+    sealed |= filled
+    for i in range(sealed.shape[0]):
+        sealed[i] = ndimage.binary_fill_holes(sealed[i])
+    outside = valid & ~sealed
+    # Objects outside the skin: table, head holder, eye shields, glasses, tubes.
+    foreign = outside & (mean > AIR_HU)
     bone = body & ((mean >= BONE_HU) | (peak >= BONE_MAX_HU))
     surf = _surface_bone(bone, outside)
     bone &= ~surf
@@ -279,17 +322,24 @@ def face_fields(
     # Everything in front of the facial-bone front.
     afield = ((ai - front[:, None, :]) * WORK_MM - WORK_MM / 2).astype(np.float32)
     np.clip(afield, -_CLIP, _CLIP, out=afield)
+    # Only in the lower face (cheeks, lips, chin), where soft tissue can be thicker than
+    # depth_mm; higher up the first bone behind the skin may be the orbital apex or the
+    # back of the nasal cavity.
+    afield[s[:, 0, 0] > ANTERIOR_TOP_MM] = -_CLIP
 
-    # Region bounds, each perturbed.
-    top = TOP_MM + IRREGULAR_MM * _smooth_noise(rng, (na, nl))[None] - s
-    bottom = s - (chin - BELOW_CHIN_MM + IRREGULAR_MM * _smooth_noise(rng, (na, nl))[None])
-    back = a - (-POSTERIOR_MM + IRREGULAR_MM * _smooth_noise(rng, (ns, nl))[:, None, :])
+    # Region bounds, each perturbed (mostly outwards: the bounds are anatomical minima).
+    top = TOP_MM + _outward(rng, (na, nl))[None] - s
+    bottom = s - (chin - BELOW_CHIN_MM - _outward(rng, (na, nl))[None])
+    back = a - (-POSTERIOR_MM - _outward(rng, (ns, nl))[:, None, :])
     if opts.include_ears:
         ears = (s >= EARS_S_MM[0]) & (s <= EARS_S_MM[1])
         back = np.where(ears, a + EARS_POSTERIOR_MM, back)
     region = np.minimum(np.minimum(top, bottom), back)
+    jaw = _jaw_bound(bone, lm, grid, lo)
+    if jaw is not None:
+        region = np.minimum(region, s - jaw[None])
     if not opts.include_ears:
-        side = LATERAL_MM + IRREGULAR_MM * _smooth_noise(rng, (ns, na))[:, :, None] - np.abs(lat)
+        side = LATERAL_MM + _outward(rng, (ns, na))[:, :, None] - np.abs(lat)
         region = np.minimum(region, side)
     region = region.astype(np.float32)
 
@@ -317,10 +367,52 @@ def face_fields(
     if opts.surface_band_mm > 0:
         band = rng.uniform(opts.surface_band_mm / 3, opts.surface_band_mm, grid.shape)
         inside += ndimage.gaussian_filter(band.astype(np.float32), 0.7)
+    if debug is not None:
+        debug.update(
+            top=top,
+            bottom=bottom,
+            back=back,
+            region=region,
+            dfield=dfield,
+            afield=afield,
+            reach=reach,
+            bone=bone,
+            behind=behind,
+            depth=depth,
+            seeds=seeds,
+        )
     np.minimum(inside, np.clip(region, -_CLIP, _CLIP), out=inside)
     inside[protected] = -_CLIP
     inside[~valid] = -_CLIP
     return FaceFields(grid, inside, keep_bone, protected, lm)
+
+
+def _jaw_bound(
+    bone: np.ndarray, lm: FaceLandmarks, grid: Grid, lo: np.ndarray
+) -> np.ndarray | None:
+    """Per (a, l) column, the height (mm) below which tissue is neck, not face: the lower
+    border of the mandible minus BELOW_CHIN_MM, filled sideways up to JAW_FILL_MM. None
+    when the mandible is not in the volume."""
+    if lm.menton is None:
+        return None
+    mi = np.rint(grid.to_index(lm.menton)).astype(int)
+    if np.any(mi < 0) or np.any(mi >= np.asarray(grid.shape)):
+        return None
+    lab, _ = ndimage.label(bone, structure=np.ones((3, 3, 3), bool))
+    box = lab[tuple(slice(max(i - 3, 0), i + 4) for i in mi)]
+    ids = box[box > 0]
+    if ids.size == 0:
+        return None
+    top = int(np.ceil((JAW_TOP_MM - lo[0]) / WORK_MM))
+    jaw = lab[:top] == np.bincount(ids).argmax()
+    has = jaw.any(axis=0)
+    if not has.any():
+        return None
+    low = lo[0] + WORK_MM * np.argmax(jaw, axis=0).astype(np.float32)
+    dist, (ii, jj) = ndimage.distance_transform_edt(~has, return_indices=True)
+    low = low[ii, jj] - BELOW_JAW_MM
+    low[dist * WORK_MM > JAW_FILL_MM] = -1e3
+    return low
 
 
 def _removal_plane(

@@ -49,6 +49,9 @@ GLOBE_OPEN_MM = 36.0
 CHIN_WINDOW = ((-160.0, -55.0), (-50.0, 45.0), 25.0)
 #: Eye-midpoint-to-menton distance used when the chin is outside the field of view, mm.
 DEFAULT_CHIN_MM = 125.0
+#: Menton lies this far anterior to the globe centres in an upright adult head (bony nasion
+#: ~15 mm in front of the globe centres, pogonion below nasion, menton ~5–10 mm behind it), mm.
+CHIN_FORWARD_MM = 7.0
 #: Largest correction of the scanner's vertical that the chin may impose, degrees.
 MAX_PITCH_DEG = 35.0
 
@@ -338,7 +341,7 @@ def find_chin(p: PatientView, axes: np.ndarray, centre: np.ndarray) -> np.ndarra
     mid = pts[np.abs(pts[:, 2]) <= 15.0]
     if len(mid) == 0:
         return None
-    low = mid[np.argmin(mid[:, 0])]
+    low = mid[mid[:, 0] <= mid[:, 0].min() + WORK_MM].mean(axis=0)
     if low[0] > s0 + 0.0 and low[0] > -70.0:
         # The lowest bone near the midline is the maxilla: the mandible is not in the volume.
         return None
@@ -379,7 +382,10 @@ def locate(hu: np.ndarray, geometry: Geometry) -> tuple[FaceLandmarks, Coarse, P
     menton = find_chin(p, axes, centre)
     if menton is not None:
         v = centre - menton
-        v = _unit(v - (v @ lr) * lr)
+        v = v - (v @ lr) * lr
+        t = np.arcsin(np.clip(CHIN_FORWARD_MM / np.linalg.norm(v), -1.0, 1.0))
+        u = _unit(v)
+        v = np.cos(t) * u + np.sin(t) * np.cross(lr, u)
         if np.degrees(np.arccos(np.clip(v @ sup, -1, 1))) <= MAX_PITCH_DEG:
             axes = np.stack([v, np.cross(lr, v), lr], axis=1)
     return FaceLandmarks(axes, np.stack([right, left]), centre, menton), c, p
