@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import ssl
 import threading
 from collections.abc import Callable
@@ -160,12 +161,16 @@ def handle_store(
         log.error("C-STORE refused: spool write failed (%s)", type(exc).__name__)
         return Status.OUT_OF_RESOURCES
     kind = Kind.CT if sop_class in CT_SOP_CLASSES else Kind.OTHER
-    received = store.record_instance(
-        series_uid,
-        kind=kind,
-        changed=outcome is not StoreOutcome.DUPLICATE,
-        new_instance=outcome is StoreOutcome.NEW,
-    )
+    try:
+        received = store.record_instance(
+            series_uid,
+            kind=kind,
+            changed=outcome is not StoreOutcome.DUPLICATE,
+            new_instance=outcome is StoreOutcome.NEW,
+        )
+    except sqlite3.Error as exc:  # e.g. locked for longer than the timeout: sender retries
+        log.error("C-STORE refused: state database error (%s)", type(exc).__name__)
+        return Status.OUT_OF_RESOURCES
     if received.new_series:
         log.info("series %s: first instance received", log_id(series_uid))
     elif received.superseded:

@@ -348,6 +348,7 @@ def _planted(phantom_dir: Path) -> list[str]:
     return [str(ds.PatientName), str(ds.PatientID)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["pool-child", "whole-worker"])
 def test_distributed_worker_sigkilled_mid_task_completes_once(
     tmp_path: Path, destination: StoreSCP, phantom_dir: Path, victim: str
