@@ -9,10 +9,10 @@ The scheduler is the only place that decides what runs next; it reads SQLite eve
    queued — to Celery in distributed mode, to the in-process worker threads in embedded mode;
 4. finished series older than the retention period are removed from the spool.
 
-Start-up recovery: series found in the spool but not in the table are adopted, and in
-embedded mode every claim and queue entry of the previous process is void (it died with
-it), so all unfinished work is queued again. In distributed mode the broker keeps its
-messages; expired leases cover workers that died.
+Start-up recovery: series found in the spool but not in the table are adopted; every
+ready series is queued again (duplicate messages are harmless); in embedded mode every claim
+of the previous process is void (it died with it). In distributed mode expired leases cover
+workers that died.
 """
 
 from __future__ import annotations
@@ -135,7 +135,10 @@ class Gateway:
                 log.warning("series %s: found in the spool only; adopted", log_id(series_uid))
         if self.embedded:
             store.reap(lease_timeout_s=-1.0)
-            store.forget_dispatches()
+        # Queue every ready series again: an in-process queue died with its process, and a
+        # broker may have lost messages (a Redis without persistence restarted). Duplicates
+        # are harmless: the claim lets only one task work on a series.
+        store.forget_dispatches()
         unfinished = store.find(
             State.RECEIVED, State.STABLE, State.DEFACING, State.DEIDENTIFIED, State.FORWARDING
         )

@@ -170,22 +170,24 @@ def run_deface(ctx: Context, series_uid: str, generation: int, owner: str) -> Ou
                 return _superseded(ctx, series_uid, generation, written=False)
             spool.write_outputs(series_uid, generation, datasets)
         except quarantine as exc:
-            log.warning("series %s job %d: quarantined (%s)", lid, generation, type(exc).__name__)
-            store.finish(
+            if not store.finish(
                 series_uid, generation, owner, State.QUARANTINED, reason=type(exc).__name__
-            )
+            ):
+                return _superseded(ctx, series_uid, generation, written=False)
+            log.warning("series %s job %d: quarantined (%s)", lid, generation, type(exc).__name__)
             return Outcome.QUARANTINED
         except Exception as exc:
-            log.error("series %s job %d: deface failed (%s)", lid, generation, type(exc).__name__)
             log.debug("deface failure", exc_info=True)  # DEBUG only: messages may quote data
-            store.finish(
+            if not store.finish(
                 series_uid,
                 generation,
                 owner,
                 State.FAILED,
                 failed_stage=Stage.DEFACE.value,
                 reason=type(exc).__name__,
-            )
+            ):
+                return _superseded(ctx, series_uid, generation, written=False)
+            log.error("series %s job %d: deface failed (%s)", lid, generation, type(exc).__name__)
             return Outcome.FAILED
     if not store.finish(series_uid, generation, owner, State.DEIDENTIFIED, outputs=len(datasets)):
         return _superseded(ctx, series_uid, generation, written=True)

@@ -36,6 +36,7 @@ from inference.errors import FacemaskError
 from inference.geometry import Geometry
 from inference.phantom import PhantomOptions, generate_phantom, write_phantom
 from tests.support.gateway import (
+    DEFACEGATE,
     TEST_KEY,
     GatewayProcess,
     RedisServer,
@@ -247,11 +248,34 @@ def test_forward_backs_off_dead_letters_and_retry_delivers(tmp_path: Path) -> No
     rec = env.ctx.store.get(env.series_uid)
     assert (rec.state, rec.failed_stage) == (State.FAILED, "forward")
     assert len(env.ctx.spool.output_paths(env.series_uid, gen)) == 6  # nothing deleted
+    # The operator command, by the log id shown in the logs.
+    config = write_config(
+        tmp_path / "cli",
+        gateway={"spool_dir": str(env.ctx.settings.gateway.spool_dir)},
+        destinations=[{"ae_title": "STORESCP", "host": LOCALHOST, "port": port}],
+    )
+    listed = subprocess.run(
+        [DEFACEGATE, "--config", str(config), "retry", "--list"], capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and rec.log_id in listed.stdout
+    assert env.series_uid not in listed.stdout
     with StoreSCP(tmp_path / "dest", port=port) as scp:
         scp.start()
-        assert env.ctx.store.retry(env.series_uid, has_outputs=True).state is State.DEIDENTIFIED
+        again = subprocess.run(
+            [DEFACEGATE, "--config", str(config), "retry", rec.log_id],
+            capture_output=True,
+            text=True,
+        )
+        assert again.returncode == 0, again.stderr
+        assert env.state() is State.DEIDENTIFIED
         assert run_forward(env.ctx, env.series_uid, gen, owner="f3") is Outcome.DONE
         assert len(scp.received()) == 6
+    refused = subprocess.run(
+        [DEFACEGATE, "--config", str(config), "retry", env.series_uid],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1 and "not failed" in refused.stderr
 
 
 def test_permanent_rejection_dead_letters_at_once(tmp_path: Path) -> None:
