@@ -184,3 +184,22 @@ def test_missing_nnunet_model_is_a_clear_error(phantom: Path, tmp_path: Path):
     assert done.returncode == 1
     assert "engine" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_options_override_settings():
+    from gateway.cli import build_parser
+    from gateway.commands.deface import apply_overrides
+    from gateway.config import Settings
+    from gateway.pipeline import engine_from_settings
+
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        ["deface", "in", "out", "--fill", "p10", "--bone", "remove", "--allow-gaps"]
+    )
+    base = Settings()
+    settings = apply_overrides(args, base)
+    assert (settings.deface.fill, settings.deface.bone) == ("p10", "remove")
+    assert settings.volume.allow_gaps and not base.volume.allow_gaps
+    assert settings.deface.engine == "anatomical"  # not given: the configured value stays
+    engine = engine_from_settings(settings.deface)
+    assert engine.name == "anatomical" and engine.options.bone == "remove"
