@@ -29,8 +29,10 @@ from scipy import ndimage
 from inference.errors import FacemaskError
 from inference.geometry import ANTERIOR, LEFT, SUPERIOR, Geometry
 
-#: Voxel size of the working grids, mm.
+#: Voxel size of the face grid (and block size of the reduction), mm.
 WORK_MM = 2.0
+#: Voxel size of the patient-aligned grid the landmarks are searched on, mm.
+PVIEW_MM = 3.0
 #: Below this (block mean) a voxel is air.
 AIR_HU = -500.0
 #: At or above this (block mean) a voxel is bone (issue 3: "stopped by bone (≥ ~250 HU)").
@@ -134,14 +136,33 @@ def block_reduce(hu: np.ndarray, geometry: Geometry, target_mm: float = WORK_MM)
     peak = np.empty(tuple(n), np.float32)
     for i in range(n[0]):
         slab = np.asarray(hu[i * f[0] : (i + 1) * f[0]], dtype=np.float32)
-        np.clip(slab, -1024.0, 3071.0, out=slab)
         pad = [(0, f[0] - slab.shape[0]), (0, n[1] * f[1] - slab.shape[1])]
         pad.append((0, n[2] * f[2] - slab.shape[2]))
         if any(p[1] for p in pad):
             slab = np.pad(slab, pad, mode="edge")
-        b = slab.reshape(f[0], n[1], f[1], n[2], f[2])
-        mean[i] = b.mean(axis=(0, 2, 4), dtype=np.float32)
-        peak[i] = b.max(axis=(0, 2, 4))
+        # Strided adds/maxima (one pass per offset) are much faster than a multi-axis
+        # reduction over a 5-D view; they never write into the caller's array.
+        acc = slab[0].copy()
+        top = slab[0].copy()
+        for j in range(1, f[0]):
+            acc += slab[j]
+            np.maximum(top, slab[j], out=top)
+        rows = [acc[j :: f[1]] for j in range(f[1])]
+        rows_max = [top[j :: f[1]] for j in range(f[1])]
+        acc, top = rows[0].copy(), rows_max[0].copy()
+        for r, rm in zip(rows[1:], rows_max[1:], strict=True):
+            acc += r
+            np.maximum(top, rm, out=top)
+        cols = [acc[:, j :: f[2]] for j in range(f[2])]
+        cols_max = [top[:, j :: f[2]] for j in range(f[2])]
+        acc, top = cols[0].copy(), cols_max[0].copy()
+        for c, cm in zip(cols[1:], cols_max[1:], strict=True):
+            acc += c
+            np.maximum(top, cm, out=top)
+        mean[i] = acc * np.float32(1.0 / f.prod())
+        peak[i] = top
+    # Padding outside the reconstruction circle (-2000, -3024) reads as air.
+    np.maximum(mean, -1024.0, out=mean)
     a = geometry.affine
     affine = a.copy()
     affine[:3, :3] = a[:3, :3] * f
@@ -149,12 +170,14 @@ def block_reduce(hu: np.ndarray, geometry: Geometry, target_mm: float = WORK_MM)
     return Coarse(mean, peak, Grid(affine, tuple(int(x) for x in n)))
 
 
-def frame_grid(axes: np.ndarray, lo: np.ndarray, hi: np.ndarray, origin: np.ndarray) -> Grid:
+def frame_grid(
+    axes: np.ndarray, lo: np.ndarray, hi: np.ndarray, origin: np.ndarray, step: float = WORK_MM
+) -> Grid:
     """Grid with unit ``axes`` (columns) spanning frame coordinates ``lo``…``hi`` (mm)
-    about ``origin`` (LPS), at :data:`WORK_MM`."""
-    shape = tuple(int(x) for x in np.ceil((np.asarray(hi) - lo) / WORK_MM) + 1)
+    about ``origin`` (LPS), at ``step`` mm."""
+    shape = tuple(int(x) for x in np.ceil((np.asarray(hi) - lo) / step) + 1)
     affine = np.eye(4)
-    affine[:3, :3] = axes * WORK_MM
+    affine[:3, :3] = axes * step
     affine[:3, 3] = origin + axes @ np.asarray(lo, dtype=float)
     return Grid(affine, shape)  # type: ignore[arg-type]
 
@@ -187,34 +210,37 @@ def valid_region(src: Grid, dst: Grid) -> np.ndarray:
     return ok.reshape(dst.shape)
 
 
-def _ball(radius: int) -> np.ndarray:
-    r = np.arange(-radius, radius + 1)
-    return (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= radius**2
+def close_mm(mask: np.ndarray, radius_mm: float, step: float) -> np.ndarray:
+    """Morphological closing by a ball of ``radius_mm`` through two distance transforms
+    (cost independent of the radius); the volume border counts as outside."""
+    grown = ndimage.distance_transform_edt(~np.pad(mask, 1), sampling=step) <= radius_mm
+    closed = ndimage.distance_transform_edt(grown, sampling=step) > radius_mm
+    return closed[1:-1, 1:-1, 1:-1] | mask
 
 
-def body_masks(mean: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def body_masks(
+    mean: np.ndarray, valid: np.ndarray, step: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(body, filled): the head/neck as the largest tissue component, and the same with
     internal air (sinuses, airway, nostrils, a closed mouth) filled.
 
-    An erosion of 2 voxels (4 mm) first cuts thin bridges to the table, head holder, eye
-    shield or tube; the core is then regrown 4 voxels inside the tissue, which restores ears
-    and skin folds but only a stub of anything across a bridge.
+    An erosion of ~4 mm first cuts thin bridges to the table, head holder, eye shield or
+    tube; the core is then regrown ~10 mm inside the tissue, which restores ears and skin
+    folds but only a stub of anything across a bridge.
     """
     tissue = valid & (mean > AIR_HU)
-    core = ndimage.binary_erosion(tissue, iterations=2)
+    core = ndimage.binary_erosion(tissue, iterations=max(1, round(4.0 / step)))
     lab, n = ndimage.label(core)
     if n == 0:
         raise FacemaskError("no body found in the volume (no tissue above -500 HU)")
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    body = ndimage.binary_dilation(lab == int(np.argmax(sizes)), iterations=4, mask=tissue)
+    body = ndimage.binary_dilation(
+        lab == int(np.argmax(sizes)), iterations=max(2, round(10.0 / step)), mask=tissue
+    )
     # Close orifices (nostrils, lips, ear folds) and fill internal air, slice by slice along
     # the first axis (superior) plus in 3-D.
-    pad = 3
-    closed = np.pad(body, pad)
-    closed = ndimage.binary_closing(closed, structure=_ball(pad))[pad:-pad, pad:-pad, pad:-pad]
-    closed |= body
-    filled = ndimage.binary_fill_holes(closed)
+    filled = ndimage.binary_fill_holes(close_mm(body, 6.0, step))
     for i in range(filled.shape[0]):
         filled[i] = ndimage.binary_fill_holes(filled[i])
     return body, filled
@@ -245,12 +271,12 @@ def _globe_candidates(p: PatientView) -> tuple[np.ndarray, np.ndarray]:
     """Blob candidates for eye globes on the patient grid: (index positions, responses)."""
     w = np.exp(-(((p.mean - GLOBE_HU) / GLOBE_TOL_HU) ** 2)).astype(np.float32)
     w[~p.body | p.bone] = 0.0
-    sigma = 12.0 / np.sqrt(3.0) / WORK_MM
+    sigma = 12.0 / np.sqrt(3.0) / PVIEW_MM
     resp = -ndimage.gaussian_laplace(w, sigma=sigma) * np.float32(sigma**2)
-    depth = ndimage.distance_transform_edt(p.filled) * WORK_MM
+    depth = ndimage.distance_transform_edt(p.filled) * PVIEW_MM
     ok = (depth >= GLOBE_DEPTH_MM[0]) & (depth <= GLOBE_DEPTH_MM[1]) & (w > 0.3)
     resp = np.where(ok, resp, 0.0).astype(np.float32)
-    peaks = ndimage.maximum_filter(resp, size=5)
+    peaks = ndimage.maximum_filter(resp, size=2 * round(5.0 / PVIEW_MM) + 1)
     cand = np.argwhere((resp == peaks) & (resp > 0.08))
     vals = resp[tuple(cand.T)]
     order = np.argsort(vals)[::-1][:16]
@@ -268,7 +294,7 @@ def _open_in_front(
     """True if some ray from ``p`` (index) within ±25° of ``anterior`` reaches air outside
     the head before any bone (eye globes do; brain blobs behind the skull do not)."""
     left = np.cross(superior, anterior)
-    steps = np.arange(1, int(GLOBE_OPEN_MM / (WORK_MM / 2)) + 1) * (WORK_MM / 2)
+    steps = np.arange(1, int(GLOBE_OPEN_MM / (PVIEW_MM / 2)) + 1) * (PVIEW_MM / 2)
     inv = np.linalg.inv(grid.affine)[:3, :3]
     for yaw in (0.0, -25.0, 25.0):
         for pitch in (0.0, -20.0, 20.0):
@@ -341,7 +367,7 @@ def find_chin(p: PatientView, axes: np.ndarray, centre: np.ndarray) -> np.ndarra
     mid = pts[np.abs(pts[:, 2]) <= 15.0]
     if len(mid) == 0:
         return None
-    low = mid[mid[:, 0] <= mid[:, 0].min() + WORK_MM].mean(axis=0)
+    low = mid[mid[:, 0] <= mid[:, 0].min() + PVIEW_MM].mean(axis=0)
     if low[0] > s0 + 0.0 and low[0] > -70.0:
         # The lowest bone near the midline is the maxilla: the mandible is not in the volume.
         return None
@@ -362,10 +388,10 @@ def patient_view(c: Coarse, geometry: Geometry) -> PatientView:
         ]
     )
     frame = geometry.index_to_patient(corners) @ paxes
-    grid = frame_grid(paxes, frame.min(0), frame.max(0), np.zeros(3))
+    grid = frame_grid(paxes, frame.min(0), frame.max(0), np.zeros(3), PVIEW_MM)
     mean = resample(c.mean, c.grid, grid, cval=-1000.0)
     peak = resample(c.peak, c.grid, grid, cval=-1000.0)
-    body, filled = body_masks(mean, valid_region(c.grid, grid))
+    body, filled = body_masks(mean, valid_region(c.grid, grid), PVIEW_MM)
     bone = body & ((mean >= BONE_HU) | (peak >= BONE_MAX_HU))
     return PatientView(grid, mean, body, filled, bone)
 
