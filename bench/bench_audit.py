@@ -20,6 +20,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from inference.phantom.generate import PhantomOptions, generate_phantom
 from inference.replace import replace_masked
 
 VARIANTS: list[tuple[str, dict[str, object]]] = [
-    *[(f"seed {s}", {"seed": s}) for s in range(4)],
+    *[(f"seed {s}", dict[str, object](seed=s)) for s in range(4)],
     ("yaw +15°", {"yaw": 15.0}),
     ("yaw −15°", {"yaw": -15.0}),
     ("pitch +10°", {"pitch": 10.0}),
@@ -70,10 +71,9 @@ def table(matrix: int, slice_thickness: float) -> None:
             if name == "ground truth":
                 mask = ph.facemask
             else:
-                bone = name.split()[1]
-                mask = AnatomicalEngine(AnatomicalOptions(bone=bone)).mask(
-                    ph.hu.copy(), ph.geometry
-                )  # type: ignore[arg-type]
+                bone: Any = name.split()[1]
+                engine = AnatomicalEngine(AnatomicalOptions(bone=bone))
+                mask = engine.mask(ph.hu.copy(), ph.geometry)
             r = audit(
                 ph.hu,
                 replace_masked(ph.hu, mask),

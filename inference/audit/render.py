@@ -224,7 +224,7 @@ def _first_crossing(vol: np.ndarray, iso: float, axis: int) -> tuple[np.ndarray,
     """Per ray along ``axis``: whether it crosses ``iso`` upwards, and where (fractional
     sample index, linear interpolation between the last sample below and the first above)."""
     inside = vol > iso
-    hit = inside.any(axis=axis)
+    hit = np.asarray(inside.any(axis=axis))
     first = np.argmax(inside, axis=axis)
     k1 = np.maximum(first, 1)
     a = np.take_along_axis(vol, np.expand_dims(k1 - 1, axis), axis).squeeze(axis)
