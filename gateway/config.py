@@ -214,7 +214,7 @@ class AuditSettings(_Section):
     detect_threshold: float = Field(
         0.5,
         description="dlib HOG score above which a defaced render counts as a face "
-        "(phantoms: faces 1.5–2.1 frontal, defaced skulls ≤ 0.4; see docs/audit.md).",
+        "(phantoms: faces 1.1–2.3 frontal, defaced skulls ≤ 0.4; see docs/audit.md).",
     )
     reid_distance: float | None = Field(
         None,
