@@ -658,9 +658,9 @@ def facemask(c: Canvas) -> np.ndarray:
     at ~47 mm) down to 1 mm below the lower border of the mandible, anterior to the
     temporo-mandibular joints (y < −8 mm) and medial to the ears (|x| < 72 mm). Inside it:
     soft tissue (not bone, not internal air) within ``FACEMASK_DEPTH`` of the skin whose
-    straight path to the front (−y)
-    crosses no bone, plus foreign objects on the face (eye shield, tube) that are in front of
-    the facial bones. Never intracranial.
+    straight path to the front (−y) crosses no bone (gaps under ~3 mm between bones, e.g.
+    between teeth, count as closed), plus foreign objects on the face (eye shield, tube)
+    that are in front of the facial bones. Never intracranial.
     """
     from scipy import ndimage
 
@@ -673,8 +673,11 @@ def facemask(c: Canvas) -> np.ndarray:
     depth = ndimage.distance_transform_edt(inside, sampling=c.res).astype(np.float32)
     labels = c.labels[sl]
     bone = (labels & BONE) != 0
-    # blocked: some bone lies in front (smaller y) in the same (z, x) column
-    blocked = np.logical_or.accumulate(bone, axis=1)
+    # blocked: some bone lies in front (smaller y) in the same (z, x) column; gaps under ~3 mm
+    # across (z, x), e.g. between teeth, are closed first so that they do not leak
+    n = max(1, round(1.5 / c.res))
+    wall = bone | ndimage.binary_closing(bone, structure=np.ones((2 * n + 1, 1, 2 * n + 1), bool))
+    blocked = np.logical_or.accumulate(wall, axis=1)
     soft = inside & ~bone & (c.hu[sl] > -500.0) & (depth <= FACEMASK_DEPTH)
     foreign = ((labels & FOREIGN) != 0) & (~inside | (depth <= FACEMASK_DEPTH))
     # lower limit: the mandible's lower border (chin soft tissue down to the menton)
