@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from gateway.config import DefaceSettings, DeidSettings, Settings
 from gateway.keys import safe_uid
 from inference.engines import FacemaskEngine
+from inference.errors import FacemaskError
 from inference.geometry import Geometry
 from inference.replace import fill_value, replace_masked
 from inference.series import SeriesVolume, SliceRef, assemble, load_datasets
@@ -224,9 +225,10 @@ def deface_volume(
     with _stage("mask", label, timings):
         mask = np.asarray(engine.mask(volume.hu, volume.geometry))
         if mask.shape != volume.hu.shape or mask.dtype != np.bool_:
-            raise TypeError(
-                f"engine returned {mask.dtype} {mask.shape}, want bool {volume.hu.shape}"
-            )
+            raise TypeError(f"engine returned a {mask.dtype} mask of shape {mask.shape}")
+        if not mask.any():
+            # Nothing to deface would still be recorded as "facemask applied": fail closed.
+            raise FacemaskError(f"the {engine.name} engine returned an empty facemask")
     with _stage("replace", label, timings):
         fill = fill_value(volume.hu, settings.deface.fill)
         defaced = replace_masked(volume.hu, mask, fill)

@@ -374,6 +374,8 @@ def _geometry(
 ) -> tuple[Geometry, list[_Frame], list[str]]:
     """Sort frames along the slice normal, check spacing, and build the Geometry."""
     warnings: list[str] = []
+    if len(frames) < 2:
+        raise GeometryError(f"{label}: {len(frames)} slice(s): a volume needs at least 2")
     iop = frames[0].orientation
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)

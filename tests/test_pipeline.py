@@ -294,3 +294,19 @@ def test_lossless_compressed_input_stays_compressed_in_output(tmp_path: Path, ts
     box = _box(hu.shape)
     assert (back.hu[box] == -1000).all()
     np.testing.assert_array_equal(back.hu[~box], hu[~box])
+
+
+class _EmptyEngine:
+    name = "empty"
+
+    def mask(self, hu, geometry):
+        return np.zeros(hu.shape, dtype=bool)
+
+
+def test_empty_facemask_fails_closed():
+    dss, _, _ = _phi_series()
+    with pytest.raises(StageError) as err:
+        process_series(dss, _EmptyEngine(), Profile(key=KEY.encode()), _settings())
+    assert err.value.stage == "mask"
+    assert isinstance(err.value.error, FacemaskError)
+    assert "empty facemask" in str(err.value)

@@ -364,3 +364,9 @@ def test_directory_scan_skips_files_marked_non_dicom_but_not_named_ones(tmp_path
     _assert_same(v, hu, g)
     with pytest.raises(UnreadableFileError, match="file #1 of 1"):
         load_datasets([tmp_path / "phantom.json"])  # named explicitly: must be DICOM
+
+
+def test_single_slice_is_not_a_volume_even_if_allowed():
+    _, _, dss = _series()
+    with pytest.raises(GeometryError, match="at least 2"):
+        assemble(dss[:1], min_slices=1)
