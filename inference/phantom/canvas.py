@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BBox = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]  # (x, y, z) ranges
-SdfFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+SdfFn = Callable[..., np.ndarray]  # f(x, y, z) on open grids → signed distance
 
 # Label bits of the canvas.
-INTRACRANIAL = np.uint8(1)
-BONE = np.uint8(2)
-FOREIGN = np.uint8(4)  # eye shield, tube: not anatomy
+INTRACRANIAL = 1
+BONE = 2
+FOREIGN = 4  # eye shield, tube: not anatomy
 
 
 @dataclass

@@ -66,6 +66,9 @@ def load_ground_truth(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     out_dir = Path(out_dir)
     masks = []
     for name in ("facemask.nii.gz", "intracranial.nii.gz"):
-        data = np.asarray(nib.load(out_dir / name).dataobj)
+        img = nib.load(out_dir / name)
+        if not isinstance(img, nib.Nifti1Image):
+            raise ValueError(f"{name} is not a NIfTI-1 image")
+        data = np.asarray(img.dataobj)
         masks.append(np.transpose(data, (2, 1, 0)).astype(bool))
     return masks[0], masks[1]
