@@ -71,6 +71,7 @@ def test_deface_phantom_end_to_end(phantom: Path, defaced):
     assert summary["engine"] == "anatomical"  # the default engine
     assert summary["random_key"] is True
     assert done.stderr.count("random key") == 1  # said once
+    assert "━" not in done.stderr  # no progress bar when stderr is not a terminal
     [series] = summary["series"]
     assert summary["files"] == series["instances"] == 104
     assert 0.002 < series["masked_fraction"] < 0.2
