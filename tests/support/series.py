@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from inference.errors import FacemaskError
 from inference.geometry import Geometry
@@ -112,24 +111,3 @@ class NoFaceEngine:
 
     def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
         raise FacemaskError("no face found in the volume")
-
-
-def uid_swapper() -> tuple[dict[str, str], object]:
-    """A stand-in de-identifier for plumbing tests: new UIDs, emptied patient name.
-
-    Plumbing tests use it to check the pipeline's use of *whatever* de-identifier it is given;
-    the real anonymizer is exercised in the end-to-end tests.
-    """
-    mapping: dict[str, str] = {}
-
-    def new(uid: str) -> str:
-        return mapping.setdefault(uid, generate_uid())
-
-    def deidentify(ds: Dataset) -> Dataset:
-        ds.SOPInstanceUID = new(ds.SOPInstanceUID)
-        ds.SeriesInstanceUID = new(ds.SeriesInstanceUID)
-        ds.StudyInstanceUID = new(ds.StudyInstanceUID)
-        ds.PatientName = ""
-        return ds
-
-    return mapping, deidentify
