@@ -370,3 +370,11 @@ def test_single_slice_is_not_a_volume_even_if_allowed():
     _, _, dss = _series()
     with pytest.raises(GeometryError, match="at least 2"):
         assemble(dss[:1], min_slices=1)
+
+
+def test_mixed_pixel_spacings_are_rejected():
+    _, _, dss = _series()
+    for d in dss[:3]:
+        d.PixelSpacing = [0.7, 0.9]
+    with pytest.raises(GeometryError, match="mixed pixel spacings"):
+        assemble(dss)
