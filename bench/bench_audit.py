@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.audit.detect import _hog, _resnet, _shape5
+from inference.audit.detect import _hog, _mmod, _resnet, _shape5
 from inference.audit.report import (
     AuditOptions,
     audit,
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--matrix", type=int, default=512)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--table", action="store_true", help="detection table on phantom variants")
+    ap.add_argument("--cnn", action="store_true", help="also run dlib's CNN face detector")
     args = ap.parse_args()
     if args.table:
         table(matrix=128, slice_thickness=2.0)
@@ -127,10 +128,10 @@ def main() -> None:
     print(f"phantom {hu.shape} {hu.dtype} generated in {dt:.1f} s")
     defaced = hu.copy()
     defaced[ph.facemask] = -1000.0
-    _, dt = _timed(lambda: (_hog(), _shape5(), _resnet()))
+    _, dt = _timed(lambda: (_hog(), _shape5(), _resnet(), _mmod()))
     print(f"model load (once per process): {dt:.2f} s")
 
-    opts = AuditOptions()
+    opts = AuditOptions(cnn_detector=args.cnn)
     totals, cpu = [], []
     for i in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()

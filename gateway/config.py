@@ -239,6 +239,12 @@ class AuditSettings(_Section):
     max_brain_overlap_ml: float = Field(
         1.0, ge=0.0, description="Mask volume inside the intracranial space → implausible."
     )
+    cnn_detector: bool = Field(
+        False, description="Also run dlib's CNN (MMOD) face detector (~+2.5 s CPU per audit)."
+    )
+    cnn_threshold: float = Field(
+        0.5, description="CNN confidence above which a defaced render counts as a face."
+    )
 
 
 class AdminSettings(_Section):

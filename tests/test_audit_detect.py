@@ -9,6 +9,7 @@ from skimage import color, data, transform
 from inference.audit.detect import (
     SAME_PERSON_DISTANCE,
     detect_faces,
+    detect_faces_cnn,
     embedding_distance,
     face_descriptor,
     model_dir,
@@ -64,3 +65,19 @@ def test_embedding_same_person_close_blank_face_far(astronaut: np.ndarray) -> No
 def test_rejects_non_uint8_images() -> None:
     with pytest.raises(ValueError, match="uint8"):
         detect_faces(np.zeros((64, 64), np.float32))
+
+
+def test_cnn_detector_finds_the_photographed_face_and_nothing_on_blank(
+    astronaut: np.ndarray,
+) -> None:
+    # Her face is ~90 px: too small for MMOD (~80 px minimum) after the default 0.5 scale.
+    assert detect_faces_cnn(astronaut) == []
+    best = detect_faces_cnn(astronaut, scale=1.0)[0]
+    assert best.score > 0.5 and best.subdetector == -1
+    left, top, right, bottom = best.box
+    assert left < 220 < right and top < 120 < bottom
+    # Enlarged ×2 and detected at the default 0.5 scale: the box maps back to full size.
+    big = np.repeat(np.repeat(astronaut, 2, axis=0), 2, axis=1)
+    left, top, right, bottom = detect_faces_cnn(big)[0].box
+    assert left < 440 < right and top < 240 < bottom
+    assert detect_faces_cnn(np.full((512, 512), 128, np.uint8)) == []

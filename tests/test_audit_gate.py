@@ -110,6 +110,7 @@ def test_audit_measures_mask_and_changes(head: tuple[np.ndarray, object]) -> Non
     assert r.changed_fraction == pytest.approx(np.mean(hu != defaced), abs=1e-6)
     assert r.brain_found and r.mask_brain_overlap_ml == 0.0
     assert [v.yaw_deg for v in r.views] == [-30.0, 0.0, 30.0]
+    assert all(v.cnn_original is None and v.cnn_defaced is None for v in r.views)  # off
     assert set(r.images) == {
         f"{w}_yaw{y}" for w in ("original", "defaced") for y in ("-30", "+0", "+30")
     }
@@ -206,3 +207,17 @@ def test_anatomical_engine_output_passes_the_gate(phantom: Phantom) -> None:
     assert out.decision.verdict is Verdict.PASS, out.decision.reasons
     assert out.report.original_face_found
     assert out.report.mask_ml > OPTS.min_mask_ml
+
+
+def test_cnn_detector_sees_the_phantom_face_before_and_not_after(phantom: Phantom) -> None:
+    ph = phantom
+    opts = AuditOptions(cnn_detector=True, yaws=(0.0,))
+    r = audit(ph.hu, replace_masked(ph.hu, ph.facemask), ph.geometry, ph.facemask, opts)
+    (front,) = r.views
+    assert front.cnn_original is not None and front.cnn_original > opts.cnn_threshold
+    assert front.cnn_defaced is None or front.cnn_defaced < opts.cnn_threshold
+    assert gate(r, opts).verdict is Verdict.PASS
+    # A CNN detection above its threshold escalates on its own.
+    assert gate(_report(None, views=[ViewAudit(0.0, 2.0, None, None, 1.0, 0.9)]), opts).verdict is (
+        Verdict.ESCALATE
+    )

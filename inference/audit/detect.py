@@ -19,6 +19,7 @@ from typing import Any
 
 import dlib
 import numpy as np
+from skimage import transform
 
 from inference.errors import ModelError
 
@@ -26,6 +27,7 @@ from inference.errors import ModelError
 SAME_PERSON_DISTANCE = 0.6
 _SHAPE5 = "shape_predictor_5_face_landmarks.dat"
 _RESNET = "dlib_face_recognition_resnet_model_v1.dat"
+_MMOD = "mmod_human_face_detector.dat"
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Face:
 
     score: float
     box: tuple[int, int, int, int]  # left, top, right, bottom (px)
-    subdetector: int  # dlib HOG: 0 front, 1 left, 2 right, 3/4 front rotated
+    subdetector: int  # dlib HOG: 0 front, 1 left, 2 right, 3/4 front rotated; CNN: -1
 
 
 def model_dir() -> Path:
@@ -68,6 +70,14 @@ def _resnet() -> Any:
     return dlib.face_recognition_model_v1(str(model_dir() / _RESNET))
 
 
+@lru_cache(maxsize=1)
+def _mmod() -> Any:
+    path = model_dir() / _MMOD
+    if not path.is_file():
+        raise ModelError(f"face_recognition_models lacks {_MMOD}")
+    return dlib.cnn_face_detection_model_v1(str(path))
+
+
 def _as_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError("image must be a uint8 (H, W) or (H, W, 3) array")
@@ -83,6 +93,26 @@ def detect_faces(image: np.ndarray, upsample: int = 1, report_above: float = -0.
         Face(float(s), (r.left(), r.top(), r.right(), r.bottom()), int(k))
         for r, s, k in zip(rects, scores, kinds, strict=True)
     ]
+    return sorted(faces, key=lambda f: f.score, reverse=True)
+
+
+def detect_faces_cnn(image: np.ndarray, scale: float = 0.5) -> list[Face]:
+    """dlib's CNN (MMOD) face detector, best first; an independent second opinion to HOG.
+
+    It costs ~1.7 s of CPU on a 512 px image, so the image is scaled by ``scale`` first
+    (0.5: ~0.4 s; the rendered faces stay above its ~80 px minimum). Scores are the
+    detector's confidences (only detections above 0 are returned).
+    """
+    img = _as_uint8(image)
+    if scale != 1.0:
+        img = (transform.rescale(img, scale, anti_aliasing=True) * 255).astype(np.uint8)
+    found = _mmod()(img, 0)
+    faces = []
+    for d in found:
+        r = d.rect
+        box = (r.left(), r.top(), r.right(), r.bottom())
+        left, top, right, bottom = (round(v / scale) for v in box)
+        faces.append(Face(float(d.confidence), (left, top, right, bottom), -1))
     return sorted(faces, key=lambda f: f.score, reverse=True)
 
 

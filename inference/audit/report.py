@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from inference.audit.detect import (
     detect_faces,
+    detect_faces_cnn,
     embedding_distance,
     face_descriptor,
 )
@@ -61,6 +62,10 @@ class AuditConfig(Protocol):
     def min_mask_ml(self) -> float: ...
     @property
     def max_brain_overlap_ml(self) -> float: ...
+    @property
+    def cnn_detector(self) -> bool: ...
+    @property
+    def cnn_threshold(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -76,18 +81,24 @@ class AuditOptions:
     upsample: int = 0
     min_mask_ml: float = 20.0
     max_brain_overlap_ml: float = 1.0
+    cnn_detector: bool = False
+    cnn_threshold: float = 0.5
 
 
 @dataclass(frozen=True)
 class ViewAudit:
     """Detector results for one camera. Scores are dlib HOG scores (None: nothing found
     down to the reporting floor of −0.5); ``distance`` is the embedding distance between the
-    original face and the defaced render at the same place (None: no original face)."""
+    original face and the defaced render at the same place (None: no original face).
+    ``cnn_*`` are dlib CNN (MMOD) confidences when that detector is enabled (None: off or
+    nothing found)."""
 
     yaw_deg: float
     score_original: float | None
     score_defaced: float | None
     distance: float | None
+    cnn_original: float | None = None
+    cnn_defaced: float | None = None
 
 
 @dataclass
@@ -152,6 +163,7 @@ class OriginalFaces:
     scores: list[float | None]
     boxes: list[tuple[int, int, int, int] | None]
     descriptors: list[np.ndarray | None]
+    cnn_scores: list[float | None]
 
 
 def probe_original(hu: np.ndarray, geometry: Geometry, options: AuditConfig) -> OriginalFaces:
@@ -163,7 +175,9 @@ def probe_original(hu: np.ndarray, geometry: Geometry, options: AuditConfig) -> 
     scores: list[float | None] = []
     boxes: list[tuple[int, int, int, int] | None] = []
     descs: list[np.ndarray | None] = []
+    cnn: list[float | None] = []
     for v in views:
+        cnn.append(_cnn_best(v.image) if options.cnn_detector else None)
         faces = detect_faces(v.image, options.upsample)
         best = faces[0] if faces else None
         scores.append(best.score if best else None)
@@ -173,7 +187,12 @@ def probe_original(hu: np.ndarray, geometry: Geometry, options: AuditConfig) -> 
         else:
             boxes.append(None)
             descs.append(None)
-    return OriginalFaces(frame, views, scores, boxes, descs)
+    return OriginalFaces(frame, views, scores, boxes, descs, cnn)
+
+
+def _cnn_best(image: np.ndarray) -> float | None:
+    faces = detect_faces_cnn(image)
+    return faces[0].score if faces else None
 
 
 # ------------------------------------------------------------------------------ mask checks
@@ -253,6 +272,8 @@ def audit(
                 score_original=_round(orig.scores[i]),
                 score_defaced=_round(faces[0].score if faces else None),
                 distance=_round(dist),
+                cnn_original=_round(orig.cnn_scores[i]),
+                cnn_defaced=_round(_cnn_best(v.image) if opts.cnn_detector else None),
             )
         )
         tag = f"yaw{v.yaw_deg:+.0f}"
@@ -300,6 +321,11 @@ def gate(report: AuditReport, thresholds: AuditConfig | None = None) -> Decision
     for v in report.views:
         if v.score_defaced is not None and v.score_defaced > t.detect_threshold:
             face.append(f"face detected at yaw {v.yaw_deg:+.0f}° (score {v.score_defaced:.2f})")
+        if v.cnn_defaced is not None and v.cnn_defaced > t.cnn_threshold:
+            face.append(
+                f"CNN detector found a face at yaw {v.yaw_deg:+.0f}° "
+                f"(confidence {v.cnn_defaced:.2f})"
+            )
         if t.reid_distance is not None and v.distance is not None and v.distance < t.reid_distance:
             face.append(
                 f"defaced face re-identifiable at yaw {v.yaw_deg:+.0f}° "
