@@ -41,7 +41,7 @@ def _run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Com
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
-    """A small phantom (head, 128², 2.5 mm: 104 slices) with planted PHI."""
+    """A small phantom (head, 128², 2.5 mm: about 110 slices) with planted PHI."""
     root = tmp_path_factory.mktemp("phantom") / "p"
     done = _run(
         "phantom", root, "--seed", "1", "--matrix", "128", "--slice-thickness", "2.5",
@@ -73,7 +73,8 @@ def test_deface_phantom_end_to_end(phantom: Path, defaced):
     assert done.stderr.count("random key") == 1  # said once
     assert "━" not in done.stderr  # no progress bar when stderr is not a terminal
     [series] = summary["series"]
-    assert summary["files"] == series["instances"] == 104
+    n_input = len(list((phantom / "dicom").rglob("*.dcm")))
+    assert summary["files"] == series["instances"] == n_input > 50
     assert 0.002 < series["masked_fraction"] < 0.2
 
     original = assemble(load_datasets([phantom]))[0]
@@ -132,8 +133,8 @@ def test_dciodvfy_reports_no_new_errors(phantom: Path, defaced):
             continue
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         outputs[int(ds.InstanceNumber)] = f
-    assert len(outputs) == 104
-    for n in (1, 52, 104):
+    assert len(outputs) == len(inputs)
+    for n in (1, len(inputs) // 2, len(inputs)):
         new = _dciodvfy_errors(outputs[n]) - _dciodvfy_errors(inputs[n])
         assert not new, f"instance {n}: new dciodvfy errors {sorted(new)}"
 
