@@ -347,6 +347,13 @@ def deface_to_directory(
     """
     start = time.perf_counter()
     output = Path(output)
+    inputs = [Path(input)] if isinstance(input, str | Path) else [Path(p) for p in input]
+    out_abs = output.resolve()
+    for p in inputs:
+        p_abs = p.resolve()
+        if out_abs == p_abs or out_abs in p_abs.parents or p_abs in out_abs.parents:
+            # --overwrite would delete the originals; inside INPUT, a rerun would read OUTPUT.
+            raise ValueError("OUTPUT must not be INPUT, contain it, or lie inside it")
     if output.exists() and not overwrite:
         raise FileExistsError(f"output {output} already exists (use --overwrite)")
     random_key = False
@@ -356,7 +363,6 @@ def deface_to_directory(
         if settings.deid.key is None:
             key, random_key = secrets.token_bytes(32), True
         deidentify = profile = profile_from_settings(settings.deid, key)
-    inputs = [Path(input)] if isinstance(input, str | Path) else [Path(p) for p in input]
     volumes, timings = assemble_input(inputs, settings)  # reject before loading an engine
     if engine is None:
         with _stage("engine", "input", timings):

@@ -205,3 +205,9 @@ def test_command_line_options_override_settings():
     assert settings.deface.engine == "anatomical"  # not given: the configured value stays
     engine = engine_from_settings(settings.deface)
     assert engine.name == "anatomical" and engine.options.bone == "remove"
+
+
+def test_output_equal_to_input_is_refused(phantom: Path):
+    done = _run("deface", phantom, phantom, "--overwrite")
+    assert done.returncode == 2 and "must not be INPUT" in done.stderr
+    assert (phantom / "dicom").is_dir()

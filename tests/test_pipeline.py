@@ -310,3 +310,13 @@ def test_empty_facemask_fails_closed():
     assert err.value.stage == "mask"
     assert isinstance(err.value.error, FacemaskError)
     assert "empty facemask" in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_output_must_not_overlap_input(tmp_path: Path, where: str):
+    dss, _, _ = _phi_series()
+    src = save(dss, tmp_path / "a" / "in")
+    out = {"same": src, "parent": tmp_path / "a", "inside": src / "out"}[where]
+    with pytest.raises(ValueError, match="must not be INPUT"):
+        deface_to_directory(src, out, _settings(), engine=BoxEngine(), overwrite=True)
+    assert len(list(src.iterdir())) == 24

@@ -77,6 +77,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return _fail(f"invalid option: {errors}", 2)
+    out_abs, in_abs = args.output.resolve(), args.input.resolve()
+    if out_abs == in_abs or out_abs in in_abs.parents or in_abs in out_abs.parents:
+        return _fail("OUTPUT must not be INPUT, contain it, or lie inside it", 2)
     if args.output.exists() and not args.overwrite:
         return _fail(f"output {args.output} already exists (use --overwrite)", 2)
     if not args.input.exists():
