@@ -162,6 +162,8 @@ def build_envelope(c: Canvas, v: Variation, *, tube: bool) -> None:
 
     def nose(x, y, z):
         d = S.capsule(x, y, z, (0, -87, 24), (0, tip[1] + 2.0, -6.0), 5.5, 7.5)
+        # side walls: the dorsum sits on a wedge that widens towards the cheeks
+        d = S.smin(d, S.ellipsoid(x, y, z, (0, -93, -4), (12, 12, 20)), 5.0)
         d = S.smin(d, S.sphere(x, y, z, tip, 9.0), 4.0)
         for s in SIDES:
             d = S.smin(d, S.ellipsoid(x, y, z, (s * 14, -98, -18), (7.5, 9, 7)), 4.0)
@@ -297,6 +299,14 @@ def paint_skull(c: Canvas) -> None:
         HU_AIR,
         clear_bits=BONE,
     )
+    # Ethmoid air cells between the orbits, under the anterior cranial fossa.
+    for s in SIDES:
+        c.paint(
+            lambda x, y, z, s=s: S.ellipsoid(x, y, z, (s * 6.5, -56, 18), (5.5, 18, 10)),
+            ((s * 6.5 - 8, s * 6.5 + 8), (-78, -34), (5, 31)),
+            HU_AIR,
+            clear_bits=BONE,
+        )
     c.paint(
         lambda x, y, z: S.ellipsoid(x, y, z, (0, -24, 4), (11, 11, 9)),
         ((-13, 13), (-37, -11), (-7, 15)),
@@ -312,10 +322,13 @@ def paint_skull(c: Canvas) -> None:
         return d
 
     c.paint(nasal_cavity, ((-16, 16), (-115, -18), (-30, 18)), HU_AIR, clear_bits=BONE)
-    # Septum: a thin plate of bone and cartilage down the middle of the nasal cavity.
+    # Septum: a thin plate down the middle of the nasal cavity, behind the piriform aperture
+    # (the cartilage in front of it belongs to the nose, i.e. to the face).
     c.paint(
-        lambda x, y, z: np.maximum(nasal_cavity(x, y, z) + 1.5, np.abs(x) - 1.0),
-        ((-3, 3), (-110, -20), (-30, 18)),
+        lambda x, y, z: np.maximum(
+            np.maximum(nasal_cavity(x, y, z) - 0.5, np.abs(x) - 1.0), -86.0 - y
+        ),
+        ((-3, 3), (-90, -20), (-30, 18)),
         HU_CARTILAGE * 3,
         set_bits=BONE,
     )

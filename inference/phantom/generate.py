@@ -32,6 +32,10 @@ HU_HOLDER, HU_TABLE = 200.0, 300.0
 _FACEMASK_BIT = np.uint8(16)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class PhantomOptions:
     """What to synthesise; validated on construction (ValueError names the bad option)."""
@@ -56,7 +60,7 @@ class PhantomOptions:
         def bad(msg: str) -> ValueError:
             return ValueError(f"phantom option {msg}")
 
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not _is_int(self.seed) or self.seed < 0:
             raise bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.fov not in ("head", "head_neck"):
             raise bad(f"fov must be 'head' or 'head_neck', got {self.fov!r}")
@@ -67,10 +71,10 @@ class PhantomOptions:
             raise bad(f"tilt must be within ±30 degrees, got {self.tilt}")
         if not 0.5 <= self.slice_thickness <= 5.0:
             raise bad(f"slice_thickness must be 0.5–5 mm, got {self.slice_thickness}")
-        if not isinstance(self.matrix, int) or not 32 <= self.matrix <= 512:
+        if not _is_int(self.matrix) or not 32 <= self.matrix <= 512:
             raise bad(f"matrix must be an integer 32–512, got {self.matrix!r}")
         if self.n_slices is not None and (
-            not isinstance(self.n_slices, int) or not 8 <= self.n_slices <= MAX_SLICES
+            not _is_int(self.n_slices) or not 8 <= self.n_slices <= MAX_SLICES
         ):
             raise bad(f"n_slices must be an integer 8–{MAX_SLICES}, got {self.n_slices!r}")
         if self.pixel_spacing is not None and not 0.2 <= self.pixel_spacing <= 2.0:
