@@ -41,6 +41,14 @@ def test_out_of_range_options_are_rejected_by_name(option: str, value: object, w
         PhantomOptions(**{option: value})  # type: ignore[arg-type]
 
 
+def test_integer_like_options_are_accepted_and_bools_are_not() -> None:
+    assert PhantomOptions(seed=np.int64(3), matrix=np.int32(64)).seed == 3  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="matrix"):
+        PhantomOptions(matrix=True)
+    with pytest.raises(ValueError, match="n_slices"):
+        PhantomOptions(n_slices=12.5)  # type: ignore[arg-type]
+
+
 def test_same_seed_same_arrays_other_seed_other_anatomy() -> None:
     a = generate_phantom(PhantomOptions(seed=7, matrix=64, slice_thickness=4.0, fov="head"))
     b = generate_phantom(PhantomOptions(seed=7, matrix=64, slice_thickness=4.0, fov="head"))
