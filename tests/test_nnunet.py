@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gateway.cli import main as cli_main
-from gateway.commands.models import engine_from_settings
 from gateway.config import load_settings
+from gateway.pipeline import engine_from_settings
 from inference.engines import FacemaskEngine
 from inference.engines.nnunet import (
     NnUNetEngine,
@@ -361,6 +361,7 @@ def test_install_round_trip_via_cli(
 
     settings = load_settings(deface={"engine": "nnunet", "models_root": root})
     engine = engine_from_settings(settings.deface)
+    assert isinstance(engine, NnUNetEngine)
     assert engine.options.roi is True and engine.options.axes == "SAL"
     hu, _, geometry = head
     np.testing.assert_array_equal(engine.predict(hu, geometry), full_prediction)

@@ -3,7 +3,7 @@
 ``models install ZIP_OR_DIR [--name NAME] [--force]`` validates an nnU-Net v2 results folder
 (or a zip of one, unpacked zip-slip safe) and copies it under ``deface.models_root``; it prints
 the installed training folder. ``models list`` shows what is installed and which one the
-nnU-Net engine would load. :func:`engine_from_settings` is how the pipeline builds the engine.
+nnU-Net engine would load (``gateway.pipeline.engine_from_settings`` builds the engine).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.config import DefaceSettings, Settings
-from inference.engines.nnunet import NnUNetEngine, NnUNetOptions
+from gateway.config import Settings
 from inference.errors import ModelError
 from inference.models import ModelInfo, install_model, list_models, resolve_model_dir
 
@@ -28,14 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inst.add_argument("--name", help="installed name (default: the DatasetXXX_Name folder)")
     inst.add_argument("--force", action="store_true", help="replace an installed model")
     sub.add_parser("list", help="list installed models")
-
-
-def engine_from_settings(deface: DefaceSettings) -> NnUNetEngine:
-    """Build the nnU-Net engine from ``deface.model_dir`` or the single installed model."""
-    training_dir = resolve_model_dir(deface.model_dir, deface.models_root)
-    return NnUNetEngine(
-        training_dir, NnUNetOptions(roi=deface.roi, tta=deface.tta, axes=deface.model_axes)
-    )
 
 
 def _describe(info: ModelInfo) -> str:
@@ -61,12 +52,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             active: Path | None = resolve_model_dir(settings.deface.model_dir, root)
         except ModelError:
             active = None
-        for path, info in entries:
-            if isinstance(info, ModelInfo):
-                mark = "*" if active == info.training_dir else " "
-                print(f"{mark} {path.name}\t{info.training_dir}\t{_describe(info)}")
+        for path, entry in entries:
+            if isinstance(entry, ModelInfo):
+                mark = "*" if active == entry.training_dir else " "
+                print(f"{mark} {path.name}\t{entry.training_dir}\t{_describe(entry)}")
             else:
-                print(f"! {path.name}\tINVALID: {info}")
+                print(f"! {path.name}\tINVALID: {entry}")
         return 0
     except ModelError as exc:
         print(f"defacegate models: error: {exc}", file=sys.stderr)

@@ -294,8 +294,7 @@ class NnUNetEngine:
         if min(crop.shape) < 1:
             raise FacemaskError("face region is empty")
         image, properties = self.model_input(crop, geometry)
-        with contextlib.redirect_stdout(io.StringIO()):
-            seg = self._predictor.predict_single_npy_array(image, properties, None, None, False)
+        seg = self._predictor.predict_single_npy_array(image, properties, None, None, False)
         reo = reorientation(geometry, self.options.axes)
         face_crop = reo.backward(np.asarray(seg) == self.info.face_label)
         if region is None:
