@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-stamp
-APT_PACKAGES := dcmtk dicom3tools orthanc chromium
+APT_PACKAGES := dcmtk dicom3tools orthanc chromium redis-server
 
 .PHONY: demo test lint bench system-deps clean
 
@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 # dcmtk (storescu/storescp), dicom3tools (dciodvfy), Orthanc (research PACS in e2e tests),
-# chromium (the dashboard test drives it with Playwright; no browser download).
+# chromium (the dashboard test drives it with Playwright; no browser download),
+# redis-server (the gateway tests start a private broker on a free port).
 system-deps:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
+	    || ! command -v redis-server >/dev/null \
 	    || ! test -x /usr/bin/chromium \
 	    || ! { command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc; }; then \
 	  if [ "$$(id -u)" = 0 ]; then \
