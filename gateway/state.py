@@ -46,6 +46,7 @@ class State(StrEnum):
     DONE = "done"
     QUARANTINED = "quarantined"
     FAILED = "failed"  # dead letter: files kept, `defacegate retry` re-queues
+    DISCARDED = "discarded"  # an operator deleted a quarantined or failed series' files
 
 
 class Stage(StrEnum):
@@ -64,7 +65,7 @@ class Stage(StrEnum):
 
 
 PENDING = (State.RECEIVED, State.STABLE, State.DEFACING, State.DEIDENTIFIED, State.FORWARDING)
-FINISHED = (State.DONE, State.QUARANTINED, State.FAILED)
+FINISHED = (State.DONE, State.QUARANTINED, State.FAILED, State.DISCARDED)
 
 
 class Kind(StrEnum):
@@ -448,6 +449,40 @@ class StateStore:
                 " owner=NULL, heartbeat=NULL, failed_stage=NULL, reason=NULL, updated=?"
                 " WHERE series_uid=?",
                 (target, time.time(), series_uid),
+            )
+        return self.get(series_uid)
+
+    def release(self, series_uid: str, *, has_outputs: bool) -> SeriesRecord:
+        """An operator reviewed a quarantined series whose defaced, de-identified outputs
+        exist (quarantined after de-identification, e.g. by the privacy audit) and lets it be
+        forwarded. A series quarantined before de-identification has nothing to release."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None:
+                raise UnknownSeriesError("unknown series")
+            if State(row["state"]) is not State.QUARANTINED:
+                raise NotRetryableError(f"series is {row['state']}, not quarantined")
+            if not has_outputs:
+                raise NotRetryableError("quarantined before de-identification: nothing to release")
+            db.execute(
+                "UPDATE series SET state=?, attempts=0, next_attempt=NULL, dispatched=NULL,"
+                " owner=NULL, heartbeat=NULL, reason=NULL, updated=? WHERE series_uid=?",
+                (State.DEIDENTIFIED, time.time(), series_uid),
+            )
+        return self.get(series_uid)
+
+    def discard(self, series_uid: str) -> SeriesRecord:
+        """Mark a quarantined or failed series discarded (the caller deletes its files)."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None:
+                raise UnknownSeriesError("unknown series")
+            if State(row["state"]) not in (State.QUARANTINED, State.FAILED):
+                raise NotRetryableError(f"series is {row['state']}, not quarantined or failed")
+            db.execute(
+                "UPDATE series SET state=?, purged=1, owner=NULL, dispatched=NULL, updated=?"
+                " WHERE series_uid=?",
+                (State.DISCARDED, time.time(), series_uid),
             )
         return self.get(series_uid)
 

@@ -221,3 +221,27 @@ def test_processes_share_the_file_without_lost_updates(tmp_path: Path) -> None:
         p.join(60)
         assert p.exitcode == 0
     assert StateStore(path).get(UID).instances == 100
+
+
+def test_operator_release_and_discard(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.db")
+    _received(store)
+    _to_stable(store)
+    store.claim(UID, 1, Stage.DEFACE, "a", 60)
+    with pytest.raises(NotRetryableError, match="not quarantined"):
+        store.release(UID, has_outputs=True)
+    store.finish(UID, 1, "a", State.QUARANTINED, reason="AuditRejected")
+    with pytest.raises(NotRetryableError, match="nothing to release"):
+        store.release(UID, has_outputs=False)
+    released = store.release(UID, has_outputs=True)
+    assert (released.state, released.reason, released.dispatched) == (
+        State.DEIDENTIFIED,
+        None,
+        None,
+    )
+    with pytest.raises(NotRetryableError):
+        store.discard(UID)
+    store.claim(UID, 1, Stage.FORWARD, "f", 60)
+    store.finish(UID, 1, "f", State.FAILED, failed_stage="forward")
+    assert store.discard(UID).state is State.DISCARDED
+    assert store.pending_count() == 0 and store.expired(0.0, now=time.time() + 1) == []
