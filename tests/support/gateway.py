@@ -146,6 +146,7 @@ class GatewayProcess(_Process):
         return [DEFACEGATE, "--config", str(self.config), "serve", "--port", str(self.port)]
 
     def start(self, timeout: float = 60.0) -> GatewayProcess:
+        offset = len(self.log_text())  # a restart appends to the same log
         self._launch()
         callers = self.settings.gateway.allowed_callers
         calling = callers[0].ae_title if callers else "PROBE"
@@ -153,7 +154,7 @@ class GatewayProcess(_Process):
         def ready() -> bool:
             self.check_alive()
             if self.settings.gateway.tls is not None:
-                return self.log.exists() and "listening on" in self.log_text()
+                return "listening on" in self.log_text()[offset:]
             return c_echo(self.port, self.ae_title, calling_aet=calling, timeout=2.0) == 0
 
         try:
