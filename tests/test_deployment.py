@@ -93,7 +93,9 @@ def test_images_run_as_non_root_with_a_health_check(path: Path) -> None:
     assert health and importlib.util.find_spec(health.group(1)) is not None
 
 
-def test_compose_environment_and_config_are_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compose_environment_and_config_are_real_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Every DEFACEGATE_* variable the compose file sets must be accepted by Settings."""
     env: dict[str, str] = {}
     for svc in COMPOSE["services"].values():
@@ -101,9 +103,15 @@ def test_compose_environment_and_config_are_real_settings(monkeypatch: pytest.Mo
     env.update(COMPOSE["x-defacegate"]["environment"])
     config = env.pop("DEFACEGATE_CONFIG")
     assert config == "/etc/defacegate/config.yaml"
+    secret = tmp_path / "deid_key"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    assert env.pop("DEFACEGATE_DEID__KEY_FILE") == "/run/secrets/deid_key"
+    monkeypatch.setenv("DEFACEGATE_DEID__KEY_FILE", str(secret))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings(ROOT / "config" / "compose.yaml")
     assert str(settings.deface.models_root) == "/models"
     dumped = settings.model_dump_json()
     assert "redis://redis:6379/0" in dumped
+    assert settings.deid.key is not None
+    assert settings.destinations[0].host == "orthanc"  # the compose service name
