@@ -112,6 +112,7 @@ SAFE_TEXT = frozenset(
         "URNCodeValue",
         "MappingResourceName",
         "ReconstructionMethod",
+        "StackID",  # Enhanced CT: In-Stack Position Number is conditional on it
     }
 )
 
