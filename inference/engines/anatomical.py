@@ -70,7 +70,7 @@ BELOW_CHIN_MM = 10.0
 #: is extended beyond the mandible (mm).
 JAW_TOP_MM = -55.0
 #: Tissue more than this below the mandible's lower border is neck, not face, mm.
-BELOW_JAW_MM = 20.0
+BELOW_JAW_MM = 5.0
 JAW_FILL_MM = 25.0
 #: Posterior bound: in front of the temporo-mandibular joints (porion is ~70 mm behind the
 #: globe centres), so the masseter region is included.
@@ -389,8 +389,9 @@ def face_fields(
 def _jaw_bound(
     bone: np.ndarray, lm: FaceLandmarks, grid: Grid, lo: np.ndarray
 ) -> np.ndarray | None:
-    """Per (a, l) column, the height (mm) below which tissue is neck, not face: the lower
-    border of the mandible minus BELOW_CHIN_MM, filled sideways up to JAW_FILL_MM. None
+    """Per lateral position l, the height (mm) below which tissue is neck, not face: the
+    lower border of the mandible (lowest bone of its component in front of the posterior
+    bound) minus BELOW_JAW_MM, extended sideways up to JAW_FILL_MM. Shape (1, nl). None
     when the mandible is not in the volume."""
     if lm.menton is None:
         return None
@@ -403,15 +404,16 @@ def _jaw_bound(
     if ids.size == 0:
         return None
     top = int(np.ceil((JAW_TOP_MM - lo[0]) / WORK_MM))
-    jaw = lab[:top] == np.bincount(ids).argmax()
+    back = max(0, int((-POSTERIOR_MM - lo[1]) / WORK_MM))
+    jaw = (lab[:top, back:] == np.bincount(ids).argmax()).any(axis=1)  # (s, l)
     has = jaw.any(axis=0)
     if not has.any():
         return None
-    low = lo[0] + WORK_MM * np.argmax(jaw, axis=0).astype(np.float32)
-    dist, (ii, jj) = ndimage.distance_transform_edt(~has, return_indices=True)
-    low = low[ii, jj] - BELOW_JAW_MM
+    low = lo[0] + WORK_MM * np.argmax(jaw, axis=0).astype(np.float32) - BELOW_JAW_MM
+    dist, (ii,) = ndimage.distance_transform_edt(~has, return_indices=True)
+    low = low[ii]
     low[dist * WORK_MM > JAW_FILL_MM] = -1e3
-    return low
+    return low[None, :]
 
 
 def _removal_plane(

@@ -218,9 +218,7 @@ def close_mm(mask: np.ndarray, radius_mm: float, step: float) -> np.ndarray:
     return closed[1:-1, 1:-1, 1:-1] | mask
 
 
-def body_masks(
-    mean: np.ndarray, valid: np.ndarray, step: float
-) -> tuple[np.ndarray, np.ndarray]:
+def body_masks(mean: np.ndarray, valid: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
     """(body, filled): the head/neck as the largest tissue component, and the same with
     internal air (sinuses, airway, nostrils, a closed mouth) filled.
 
