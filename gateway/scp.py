@@ -93,6 +93,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 _RJ_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 _RJ_CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
+_RJ_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # transient, service provider (presentation)
 
 
 def caller_allowed(settings: GatewaySettings, calling_ae: str, address: str) -> bool:
@@ -106,21 +107,33 @@ def caller_allowed(settings: GatewaySettings, calling_ae: str, address: str) -> 
     )
 
 
-def handle_requested(event: Event, settings: GatewaySettings) -> None:
-    """EVT_REQUESTED: reject unknown callers / wrong called AE with A-ASSOCIATE-RJ."""
+def _no_pause() -> bool:
+    return False
+
+
+def handle_requested(
+    event: Event, settings: GatewaySettings, paused: Callable[[], bool] = _no_pause
+) -> None:
+    """EVT_REQUESTED: reject unknown callers / wrong called AE with A-ASSOCIATE-RJ; while an
+    operator has paused ingest, refuse transiently so the sender queues and retries."""
     assoc = event.assoc
     request = cast(A_ASSOCIATE, assoc.requestor.primitive)
     calling = request.calling_ae_title
     called = request.called_ae_title
     address = assoc.requestor.address
+    reject: tuple[int, int, int] | None = None
     if not caller_allowed(settings, calling, address):
         log.warning("association rejected: calling AE not allowed (from %s)", address)
-        assoc.acse.send_reject(*_RJ_CALLING_AE_NOT_RECOGNIZED)
-        assoc.kill()  # as pynetdicom's own ACSE does after a reject: flush it, stop the DUL
+        reject = _RJ_CALLING_AE_NOT_RECOGNIZED
     elif settings.check_called_ae and called.strip() != settings.ae_title.strip():
         log.warning("association rejected: called AE is not ours (from %s)", address)
-        assoc.acse.send_reject(*_RJ_CALLED_AE_NOT_RECOGNIZED)
-        assoc.kill()
+        reject = _RJ_CALLED_AE_NOT_RECOGNIZED
+    elif paused():
+        log.warning("association refused: ingest paused by an operator (from %s)", address)
+        reject = _RJ_LOCAL_LIMIT_EXCEEDED
+    if reject is not None:
+        assoc.acse.send_reject(*reject)
+        assoc.kill()  # as pynetdicom's own ACSE does after a reject: flush it, stop the DUL
 
 
 def handle_echo(event: Event) -> Status:
@@ -228,11 +241,17 @@ def build_ae(settings: GatewaySettings) -> AE:
 class StorageSCP:
     """The running listener; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, settings: GatewaySettings, spool: Spool, store: StateStore) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        spool: Spool,
+        store: StateStore,
+        paused: Callable[[], bool] = _no_pause,
+    ) -> None:
         self.settings = settings
         self.ae = build_ae(settings)
         handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list]] = [
-            (evt.EVT_REQUESTED, handle_requested, [settings]),
+            (evt.EVT_REQUESTED, handle_requested, [settings, paused]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [spool, store, settings]),
         ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from pynetdicom.sop_class import (
 )
 
 from gateway.config import CallerSettings, GatewaySettings, ScpTLS
+from gateway.controls import IngestControls
 from gateway.scp import StorageSCP
 from gateway.spool import Spool
 from gateway.state import Kind, State, StateStore
@@ -48,7 +49,9 @@ AET = "DEFACEGATE"
 
 
 @contextmanager
-def running_scp(tmp_path: Path, **overrides: Any) -> Iterator[tuple[StorageSCP, Spool, StateStore]]:
+def running_scp(
+    tmp_path: Path, paused: Callable[[], bool] = lambda: False, **overrides: Any
+) -> Iterator[tuple[StorageSCP, Spool, StateStore]]:
     settings = GatewaySettings(
         **{
             "host": LOCALHOST,
@@ -61,7 +64,7 @@ def running_scp(tmp_path: Path, **overrides: Any) -> Iterator[tuple[StorageSCP, 
     )
     spool = Spool(settings.spool_dir, free_space_floor_mb=settings.free_space_floor_mb)
     store = StateStore(settings.state_path)
-    scp = StorageSCP(settings, spool, store)
+    scp = StorageSCP(settings, spool, store, paused=paused)
     scp.start()
     try:
         yield scp, spool, store
@@ -316,3 +319,16 @@ def test_tls_port_accepts_tls_and_refuses_plain_and_certless(tmp_path: Path) -> 
         path = _write(datasets, tmp_path / "in")[0]
         done = _run(["storescu", *client, "-aec", AET, LOCALHOST, str(scp.port), str(path)])
         assert done.returncode == 0, done.stderr
+
+
+def test_paused_ingest_refuses_associations_transiently(tmp_path: Path) -> None:
+    controls = IngestControls(tmp_path / "controls.db")
+    with running_scp(tmp_path, paused=lambda: controls.paused) as (scp, _, _):
+        assert _echoscu(scp.port).returncode == 0
+        controls.pause()
+        refused = _assoc(scp.port, [(Verification, [ExplicitVRLittleEndian])])
+        assert refused.is_rejected
+        rj = refused.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        controls.resume()
+        assert _echoscu(scp.port).returncode == 0
