@@ -24,6 +24,7 @@ import uuid
 from typing import Protocol
 
 from gateway.config import Settings
+from gateway.controls import IngestControls
 from gateway.keys import log_id
 from gateway.scp import StorageSCP
 from gateway.state import Stage, State
@@ -118,7 +119,10 @@ class Gateway:
         self.dispatcher: Dispatcher = (
             EmbeddedDispatcher(self.ctx) if self.embedded else CeleryDispatcher(settings)
         )
-        self.scp = StorageSCP(settings.gateway, self.ctx.spool, self.ctx.store)
+        self.controls = IngestControls(settings.gateway.state_path)
+        self.scp = StorageSCP(
+            settings.gateway, self.ctx.spool, self.ctx.store, paused=lambda: self.controls.paused
+        )
         self._stop = threading.Event()
         self._scheduler = threading.Thread(target=self._loop, name="defacegate-scheduler")
 
