@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from gateway.config import DefaceSettings, DeidSettings, Settings
 from gateway.keys import safe_uid
 from inference.engines import FacemaskEngine
-from inference.errors import FacemaskError
+from inference.errors import FacemaskError, FaceStillVisibleError, ImplausibleMaskError
 from inference.geometry import Geometry
 from inference.replace import fill_value, replace_masked
 from inference.series import SeriesVolume, SliceRef, assemble, load_datasets
@@ -44,7 +44,8 @@ Deidentify = Callable[[Dataset], Dataset]
 #: ``progress(stage, done, total)``: called as work advances (for a progress bar).
 Progress = Callable[[str, int, int], None]
 
-STAGES = ("read", "assemble", "mask", "replace", "writeback", "deidentify", "write")
+STAGES = ("read", "assemble", "mask", "audit", "replace", "writeback", "deidentify", "write")
+_BONE_RANK = {"keep": 0, "smooth": 1, "remove": 2}
 
 
 class StageError(Exception):
@@ -71,6 +72,15 @@ class SeriesResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     transfer_syntaxes: list[str] = field(default_factory=list)
+    #: The privacy audit's outcome (``inference.audit.AuditedMask``); None when disabled.
+    audit: Any = None
+
+    @property
+    def quarantined_by_audit(self) -> bool:
+        """Defaced and de-identified, but a face is still detected: hold it for review."""
+        from inference.audit.report import Verdict
+
+        return self.audit is not None and self.audit.decision.verdict is not Verdict.PASS
 
     @property
     def series_uid(self) -> str:
@@ -93,6 +103,13 @@ class SeriesResult:
             "transfer_syntaxes": sorted(set(self.transfer_syntaxes)),
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "warnings": list(self.warnings),
+            "audit": None
+            if self.audit is None
+            else {
+                "verdict": self.audit.decision.verdict.value,
+                "reasons": list(self.audit.decision.reasons),
+                "bone": self.audit.bone,
+            },
         }
 
 
@@ -144,6 +161,53 @@ def engine_from_settings(deface: DefaceSettings) -> FacemaskEngine:
             surface_band_mm=deface.surface_band_mm,
         )
     )
+
+
+def engine_for_bone(engine: FacemaskEngine, bone: str) -> FacemaskEngine:
+    """The same engine with another ``bone`` setting, for the audit's escalation. Engines
+    without that option (nnU-Net) are returned unchanged: escalation cannot strengthen them,
+    so a face that stays visible ends in quarantine."""
+    options = getattr(engine, "options", None)
+    if options is None or not hasattr(options, "bone") or options.bone == bone:
+        return engine
+    return type(engine)(dataclasses.replace(options, bone=bone))  # type: ignore[call-arg]
+
+
+class _Precomputed:
+    """An engine that returns a mask already computed (the audit's first level)."""
+
+    def __init__(self, name: str, mask: np.ndarray) -> None:
+        self.name, self._mask = name, mask
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        return self._mask
+
+
+def audit_mask(
+    engine: FacemaskEngine, mask: np.ndarray, volume: SeriesVolume, settings: Settings
+) -> Any:
+    """Audit the defaced volume; escalate ``bone`` from the configured level upwards.
+
+    Returns the ``AuditedMask``; raises :class:`ImplausibleMaskError` when the gate finds the
+    mask itself implausible (a stronger setting would not help, and there is nothing a
+    reviewer could release).
+    """
+    from inference.audit.report import Verdict, audited_mask
+
+    start = _BONE_RANK.get(settings.deface.bone, 0)
+    levels = [b for b in settings.audit.escalation if _BONE_RANK[b] >= start]
+    levels = levels or [settings.deface.bone]
+    config = settings.audit.model_copy(update={"escalation": tuple(levels)})
+
+    def factory(bone: str) -> FacemaskEngine:
+        if bone == levels[0]:
+            return _Precomputed(engine.name, mask)  # type: ignore[return-value]
+        return engine_for_bone(engine, bone)
+
+    outcome = audited_mask(factory, volume.hu, volume.geometry, config, settings.deface.fill)
+    if outcome.history and outcome.history[-1][1].verdict is Verdict.QUARANTINE:
+        raise ImplausibleMaskError(outcome.decision.reasons, outcome)
+    return outcome
 
 
 def profile_from_settings(deid: DeidSettings, key: bytes | None = None) -> Any:
@@ -229,9 +293,16 @@ def deface_volume(
         if not mask.any():
             # Nothing to deface would still be recorded as "facemask applied": fail closed.
             raise FacemaskError(f"the {engine.name} engine returned an empty facemask")
+    audited = None
+    if settings.audit.enabled:
+        with _stage("audit", label, timings):
+            audited = audit_mask(engine, mask, volume, settings)
+            mask = audited.mask
     with _stage("replace", label, timings):
         fill = fill_value(volume.hu, settings.deface.fill)
-        defaced = replace_masked(volume.hu, mask, fill)
+        defaced = audited.defaced if audited is not None else replace_masked(volume.hu, mask, fill)
+        if audited is not None:
+            audited.defaced = None  # the report keeps its renders; the volume goes
     with _stage("writeback", label, timings):
         written = write_back(volume, defaced)
         del defaced
@@ -253,6 +324,7 @@ def deface_volume(
         timings=timings,
         warnings=list(volume.warnings),
         transfer_syntaxes=syntaxes,
+        audit=audited,
     )
 
 
@@ -380,6 +452,10 @@ def deface_to_directory(
             label = f"series #{i} of {len(volumes)}"
             result = deface_volume(volume, engine, deid, settings, label=label, progress=progress)
             volume.hu = np.empty((0, 0, 0), np.float32)
+            if result.quarantined_by_audit:
+                # Offline too: a face the detector still finds is never written out.
+                reasons = tuple(result.audit.decision.reasons)
+                raise StageError("audit", label, FaceStillVisibleError(reasons, result.audit))
             if profile is not None and settings.deid.reid_lookup_path is not None:
                 from anonymizer import reid_record
 

@@ -34,3 +34,24 @@ class FacemaskError(DefacegateError):
 
 class ModelError(DefacegateError):
     """A trained model folder is missing or invalid."""
+
+
+class AuditError(FacemaskError):
+    """The privacy audit refused the defaced series (fail closed: quarantine, not forward).
+
+    ``reasons`` are the gate's sentences (no PHI); ``outcome`` is the audit result the
+    caller attaches to the quarantined series (report and renders).
+    """
+
+    def __init__(self, reasons: tuple[str, ...], outcome: object = None) -> None:
+        super().__init__("; ".join(reasons) or "privacy audit failed")
+        self.reasons = reasons
+        self.outcome = outcome
+
+
+class ImplausibleMaskError(AuditError):
+    """The facemask is implausible (too small, reaching into the skull): nothing to release."""
+
+
+class FaceStillVisibleError(AuditError):
+    """A face is still detected after the strongest configured defacing."""

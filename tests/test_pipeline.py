@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from anonymizer import DeidentificationError, Profile
-from gateway.config import DefaceSettings, DeidSettings, Settings, VolumeSettings
+from gateway.config import AuditSettings, DefaceSettings, DeidSettings, Settings, VolumeSettings
 from gateway.pipeline import StageError, deface_to_directory, process_series
 from inference.dicomgen import make_ct_series, make_enhanced_ct
 from inference.errors import FacemaskError, GeometryError, NotCTError
@@ -28,6 +28,9 @@ from inference.series import assemble, load_datasets
 from tests.support.series import BoxEngine, NoFaceEngine, geometry, random_hu, save
 
 KEY = "k" * 32
+#: Plumbing tests use box engines on tiny volumes: the privacy audit is tested below and in
+#: tests/test_audit_*.py on phantoms.
+NO_AUDIT = AuditSettings(enabled=False)
 
 
 def _settings(**deface) -> Settings:
@@ -35,6 +38,7 @@ def _settings(**deface) -> Settings:
         deface=DefaceSettings(**deface),
         deid=DeidSettings(key=KEY),
         volume=VolumeSettings(min_slices=20),
+        audit=NO_AUDIT,
     )
 
 
@@ -139,7 +143,7 @@ def test_same_key_same_pseudonyms_random_key_differs(tmp_path: Path):
         return {p.name for p in (tmp_path / name).rglob("*.dcm")}
 
     assert run("a", _settings()) == run("b", _settings())  # idempotent with a key
-    unkeyed = Settings(deid=DeidSettings())
+    unkeyed = Settings(deid=DeidSettings(), audit=NO_AUDIT)
     s1 = deface_to_directory(tmp_path / "in", tmp_path / "c", unkeyed, engine=BoxEngine())
     assert s1.random_key
     c = {p.name for p in (tmp_path / "c").rglob("*.dcm")}
@@ -254,7 +258,7 @@ def test_reid_lookup_written_only_where_configured(tmp_path: Path):
     save(dss, tmp_path / "in")
     lookup = tmp_path / "private" / "reid.csv"
     lookup.parent.mkdir()
-    settings = Settings(deid=DeidSettings(key=KEY, reid_lookup_path=lookup))
+    settings = Settings(deid=DeidSettings(key=KEY, reid_lookup_path=lookup), audit=NO_AUDIT)
     deface_to_directory(tmp_path / "in", tmp_path / "out", settings, engine=BoxEngine())
     text = lookup.read_text()
     assert str(dss[0].PatientID) in text
