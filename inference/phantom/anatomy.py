@@ -391,7 +391,7 @@ def paint_mandible_and_teeth(c: Canvas) -> None:
         da = np.abs(arch_dist(x, y, -83.0, -38.0, 42.0)) - 5.5
         return np.maximum(np.maximum(da, np.abs(z + 28.0) - 9.0), np.abs(x) - 44.0)
 
-    c.paint(alveolus, ((-50, 50), (-95, -30), (-40, -16)), bone_hu, set_bits=BONE)
+    c.paint(alveolus, ((-50, 50), (-95, -15), (-40, -16)), bone_hu, set_bits=BONE)
     c.paint(
         teeth(-85.5, -40.0, -42.5, 1.0),
         ((-50, 50), (-95, -30), (-50, -20)),

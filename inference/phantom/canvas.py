@@ -127,10 +127,15 @@ class Canvas:
                 lab[hit] &= np.uint8(~clear_bits & 0xFF)
 
     def blend_skin(self, sdf: SdfFn, bbox: BBox, k: float, mode: str = "union") -> None:
-        """Smoothly add (``union``) or carve (``subtract``) a part of the skin envelope."""
+        """Smoothly add (``union``) or carve (``subtract``) a part of the skin envelope.
+
+        ``bbox`` bounds the part itself; it is widened by the blend radius ``k`` so that the
+        blend fades out inside the window (no seam at its edge).
+        """
         from inference.phantom import sdf as S
 
-        w = self.window(bbox)
+        pad = k + 2.0 * self.res
+        w = self.window(tuple((a - pad, b + pad) for a, b in bbox))  # type: ignore[arg-type]
         if w is None:
             return
         sl, x, y, z = w
