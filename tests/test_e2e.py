@@ -135,9 +135,27 @@ def wait_state(gw: GatewayProcess, series_uid: str, target: str, timeout: float)
     wait_for(reached, timeout, f"series state {target}", interval=0.2)
 
 
-def check_arrived(pacs: Orthanc, sent: SentSeries) -> None:
+def check_arrived(pacs: Orthanc, sent: SentSeries, gw: GatewayProcess) -> None:
     """All instances arrived exactly once, with new UIDs, no planted PHI in any byte, the
-    face replaced and the brain unchanged."""
+    face replaced and the brain unchanged. On failure the gateway's log (pseudonymous ids
+    only, never PHI) is attached to the error."""
+    try:
+        _check_arrived(pacs, sent)
+    except AssertionError as exc:
+        log = "\n".join(line for line in gw.log_text().splitlines() if "pynetdicom" not in line)[
+            -6000:
+        ]
+        errors = "\n".join(
+            line
+            for line in pacs.log_path.read_text(errors="replace").splitlines()
+            if line.startswith("E")
+        )[-3000:]
+        raise AssertionError(
+            f"{exc}\n--- gateway log (tail) ---\n{log}\n--- Orthanc errors ---\n{errors}"
+        ) from None
+
+
+def _check_arrived(pacs: Orthanc, sent: SentSeries) -> None:
     ids = pacs.instances()
     assert len(ids) == sent.n
     files = [pacs.instance_file(i) for i in ids]
@@ -277,7 +295,7 @@ def test_distributed_storescu_redis_celery_worker_orthanc(
     sent = storescu([cta_300.directory], gw.port, gw.ae_title, calling_aet=SENDER)
     assert sent.returncode == 0
     wait_state(gw, cta_300.series_uid, "done", timeout=240)
-    check_arrived(pacs, cta_300)
+    check_arrived(pacs, cta_300, gw)
     # The defacing ran in the Celery worker, not inside the gateway.
     assert "defaced and de-identified" in (tmp_path / "gw" / "worker.log").read_text()
     assert "defaced and de-identified" not in gw.log_text()
@@ -291,7 +309,7 @@ def test_embedded_default_without_broker(tmp_path: Path, cta_300: SentSeries, st
     gw = stack(GatewayProcess(cfg))
     storescu([cta_300.directory], gw.port, gw.ae_title, calling_aet=SENDER)
     wait_state(gw, cta_300.series_uid, "done", timeout=240)
-    check_arrived(pacs, cta_300)
+    check_arrived(pacs, cta_300, gw)
 
 
 def test_allow_list_and_tls_end_to_end(tmp_path: Path, cta_small: SentSeries, stack) -> None:
@@ -321,7 +339,7 @@ def test_allow_list_and_tls_end_to_end(tmp_path: Path, cta_small: SentSeries, st
     assert gw.record(cta_small.series_uid) is None
     storescu([cta_small.directory], gw.port, gw.ae_title, SENDER, tls=tls)
     wait_state(gw, cta_small.series_uid, "done", timeout=120)
-    check_arrived(pacs, cta_small)
+    check_arrived(pacs, cta_small, gw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +369,7 @@ def test_destination_down_at_first_then_up_after_20_s(
     wait_state(gw, cta_small.series_uid, "done", timeout=120)
     rec = gw.record(cta_small.series_uid)
     assert rec is not None and rec.attempts >= 2
-    check_arrived(pacs, cta_small)
+    check_arrived(pacs, cta_small, gw)
 
 
 def test_rejecting_destination_dead_letters_then_retry_after_fix_arrives(
@@ -374,7 +392,7 @@ def test_rejecting_destination_dead_letters_then_retry_after_fix_arrives(
     done = gw.retry(cta_small.series_uid)
     assert done.returncode == 0, done.stderr
     wait_state(gw, cta_small.series_uid, "done", timeout=120)
-    check_arrived(pacs, cta_small)
+    check_arrived(pacs, cta_small, gw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +420,7 @@ def test_worker_sigkill_mid_task_then_restart_completes_once(
     wait_state(gw, cta_300.series_uid, "done", timeout=240)
     rec = gw.record(cta_300.series_uid)
     assert rec is not None and rec.generation == 1
-    check_arrived(pacs, cta_300)  # includes: each instance delivered exactly once
+    check_arrived(pacs, cta_300, gw)  # includes: each instance delivered exactly once
 
 
 def test_gateway_sigkill_after_stores_acknowledged_then_restart_processes(
@@ -421,4 +439,4 @@ def test_gateway_sigkill_after_stores_acknowledged_then_restart_processes(
     assert pacs.instance_count() == 0
     gw.start()
     wait_state(gw, cta_small.series_uid, "done", timeout=120)
-    check_arrived(pacs, cta_small)
+    check_arrived(pacs, cta_small, gw)
