@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"no models installed under {root}", file=sys.stderr)
             return 0
         try:
-            active: Path | None = resolve_model_dir(settings.deface.model_dir, root)
+            active: Path | None = resolve_model_dir(settings.deface.model_dir, root).resolve()
         except ModelError:
             active = None
         for path, entry in entries:
