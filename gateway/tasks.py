@@ -21,9 +21,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -31,6 +32,7 @@ from gateway.config import DefaceSettings, Settings
 from gateway.keys import log_id
 from gateway.spool import Spool
 from gateway.state import Stage, State, StateStore
+from gateway.trail import AuditTrail
 from inference.engines import FacemaskEngine
 from inference.errors import FacemaskError, SeriesError
 
@@ -61,6 +63,11 @@ class Context:
     spool: Spool
     store: StateStore
     engine: Callable[[], FacemaskEngine] | None = None
+    trail: AuditTrail = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.trail is None:
+            object.__setattr__(self, "trail", AuditTrail(self.store.path))
 
     @classmethod
     def from_settings(
@@ -105,22 +112,43 @@ def _quarantine_errors() -> tuple[type[BaseException], ...]:
     return (SeriesError, FacemaskError, DeidentificationError)
 
 
-def deface_datasets(ctx: Context, paths: Sequence[Path]) -> list[Dataset]:
-    """Run the offline pipeline on one spooled series; the defaced, de-identified instances.
+def deface_results(ctx: Context, paths: Sequence[Path]) -> list[Any]:
+    """Run the offline pipeline (with the privacy audit) on one spooled series.
 
-    Raises the pipeline's original exception (unwrapped from its ``StageError``), so the
-    caller decides quarantine vs dead-letter by type.
+    Returns ``gateway.pipeline.SeriesResult`` objects; raises the pipeline's original
+    exception (unwrapped from its ``StageError``) so the caller decides quarantine vs
+    dead-letter by type.
     """
     from gateway.pipeline import StageError, process_series, profile_from_settings
 
     settings = ctx.settings
     try:
-        results = process_series(
+        return process_series(
             list(paths), ctx.get_engine(), profile_from_settings(settings.deid), settings
         )
     except StageError as exc:
         raise exc.error from None
+
+
+def deface_datasets(ctx: Context, paths: Sequence[Path]) -> list[Dataset]:
+    """The defaced, de-identified instances of one spooled series (the audit must pass)."""
+    from inference.errors import FaceStillVisibleError
+
+    results = deface_results(ctx, paths)
+    for result in results:
+        if result.quarantined_by_audit:
+            raise FaceStillVisibleError(tuple(result.audit.decision.reasons), result.audit)
     return [ds for result in results for ds in result.datasets]
+
+
+def write_audit(ctx: Context, series_uid: str, generation: int, outcome: Any) -> None:
+    """Keep the audit report and renders with the series (admin API, quarantine review)."""
+    from gateway.admin import audit_dir
+    from gateway.commands.audit import write_report
+
+    if outcome is not None:
+        folder = audit_dir(ctx.spool, series_uid, generation)
+        write_report(outcome.report, outcome.decision, folder)
 
 
 # -- the lease -------------------------------------------------------------------------------
@@ -163,13 +191,21 @@ def run_deface(ctx: Context, series_uid: str, generation: int, owner: str) -> Ou
     quarantine = _quarantine_errors()
     with leased(store, series_uid, owner, _lease_interval(settings)):
         try:
-            datasets = deface_datasets(ctx, spool.instance_paths(series_uid))
+            results = deface_results(ctx, spool.instance_paths(series_uid))
+            datasets = [ds for result in results for ds in result.datasets]
             if not datasets:
                 raise SeriesError("the pipeline produced no instance")
             if store.get(series_uid).generation != generation:
                 return _superseded(ctx, series_uid, generation, written=False)
             spool.write_outputs(series_uid, generation, datasets)
+            for result in results:
+                write_audit(ctx, series_uid, generation, result.audit)
+                _trail_stages(ctx, series_uid, generation, result)
         except quarantine as exc:
+            write_audit(ctx, series_uid, generation, getattr(exc, "outcome", None))
+            ctx.trail.record(
+                series_uid, "quarantined", generation=generation, error=type(exc).__name__
+            )
             if not store.finish(
                 series_uid, generation, owner, State.QUARANTINED, reason=type(exc).__name__
             ):
@@ -189,6 +225,24 @@ def run_deface(ctx: Context, series_uid: str, generation: int, owner: str) -> Ou
                 return _superseded(ctx, series_uid, generation, written=False)
             log.error("series %s job %d: deface failed (%s)", lid, generation, type(exc).__name__)
             return Outcome.FAILED
+    if any(r.quarantined_by_audit for r in results):
+        # Defaced and de-identified, but a detector still finds a face: never forwarded
+        # unless an operator reviews the renders and releases it.
+        reasons = [reason for r in results if r.audit for reason in r.audit.decision.reasons]
+        ctx.trail.record(
+            series_uid, "quarantined", generation=generation, audit="face", reasons=reasons
+        )
+        if not store.finish(
+            series_uid,
+            generation,
+            owner,
+            State.QUARANTINED,
+            outputs=len(datasets),
+            reason="FaceStillVisibleError",
+        ):
+            return _superseded(ctx, series_uid, generation, written=True)
+        log.warning("series %s job %d: quarantined by the privacy audit", lid, generation)
+        return Outcome.QUARANTINED
     if not store.finish(series_uid, generation, owner, State.DEIDENTIFIED, outputs=len(datasets)):
         return _superseded(ctx, series_uid, generation, written=True)
     log.info(
@@ -199,6 +253,38 @@ def run_deface(ctx: Context, series_uid: str, generation: int, owner: str) -> Ou
         time.monotonic() - started,
     )
     return Outcome.DEIDENTIFIED
+
+
+def _trail_stages(ctx: Context, series_uid: str, generation: int, result: Any) -> None:
+    """Stage latencies, engine, profile options and audit outcome into the audit trail."""
+    t = result.timings
+    stages = {
+        "assemble": t.get("read", 0.0) + t.get("assemble", 0.0),
+        "deface": t.get("mask", 0.0) + t.get("replace", 0.0) + t.get("writeback", 0.0),
+        "deidentify": t.get("deidentify", 0.0),
+    }
+    if "audit" in t:
+        stages["audit"] = t["audit"]
+    for stage, seconds in stages.items():
+        ctx.trail.record(
+            series_uid, "stage", generation=generation, stage=stage, duration_s=round(seconds, 3)
+        )
+    deid = ctx.settings.deid
+    summary = result.summary()
+    audit = summary.get("audit") or {}
+    ctx.trail.record(
+        series_uid,
+        "deidentified",
+        generation=generation,
+        engine=ctx.settings.deface.engine,
+        bone=audit.get("bone") or ctx.settings.deface.bone,
+        profile="PS3.15 E.1-1 basic",
+        options=[k for k, v in deid.model_dump().items() if k.startswith("retain_") and v],
+        clean_descriptors=deid.clean_descriptors,
+        instances=len(result.datasets),
+        masked_fraction=summary["masked_fraction"],
+        audit=audit.get("verdict"),
+    )
 
 
 def _superseded(ctx: Context, series_uid: str, generation: int, *, written: bool) -> Outcome:
