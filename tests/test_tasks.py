@@ -86,7 +86,6 @@ def _settings(tmp_path: Path, port: int, **extra: Any) -> Settings:
     values: dict[str, Any] = {
         "deid": {"key": TEST_KEY},
         "volume": {"min_slices": 4},
-        "audit": {"enabled": False},  # the box mask is not a face: plumbing only
         # Box engines on tiny volumes: the privacy audit would rightly refuse them. The gate
         # is tested in tests/test_pipeline_audit.py, tests/test_ops.py and the e2e tests.
         "audit": {"enabled": False},
