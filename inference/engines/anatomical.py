@@ -88,6 +88,8 @@ ANTERIOR_TOP_MM = -25.0
 CLOSE_MM = 8.0
 #: Enclosed components at least this large are the cranial cavity (given a safety margin).
 CRANIAL_MIN_MM3 = 50_000.0
+#: Height above the globe centres from which the cranial cavity is regrown without limit.
+ORBIT_TOP_MM = 12.0
 #: Largest gap across which the bone front is filled in (open mouth, nostrils), mm.
 FRONT_FILL_MM = 30.0
 #: Amplitude (sd) of the smooth random perturbation of depth and region bounds, mm.
@@ -232,7 +234,9 @@ def _surface_bone(bone: np.ndarray, outside: np.ndarray) -> np.ndarray:
     return np.isin(lab, bad)
 
 
-def _protected(bone: np.ndarray, escape: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def _protected(
+    bone: np.ndarray, escape: np.ndarray, valid: np.ndarray, s_mm: np.ndarray
+) -> np.ndarray:
     """Voxels enclosed by bone: every axis ray meets bone (dilated by one voxel to close
     thin-bone gaps) or the edge of the field of view before reaching ``escape``."""
     barrier = ndimage.binary_dilation(bone)
@@ -248,13 +252,22 @@ def _protected(bone: np.ndarray, escape: np.ndarray, valid: np.ndarray) -> np.nd
     # tissue next to the inner table), then one more voxel but only into bone, so the skin
     # over thin bone stays maskable. Small pockets (sinuses, orbital fat behind the rims,
     # the oral cavity) stay protected as they are.
-    lab_e, n = ndimage.label(enclosed)
+    # Narrow channels (optic canal, orbital fissures) are cut first so that the orbits do
+    # not join the cranial cavity.
+    core = ndimage.binary_erosion(enclosed, iterations=2)
+    lab_e, n = ndimage.label(core)
     if n == 0:
-        return enclosed
+        return core
     sizes = np.bincount(lab_e.ravel())[1:] * WORK_MM**3
     big = np.isin(lab_e, np.flatnonzero(sizes >= CRANIAL_MIN_MM3) + 1)
+    # Regrow: a few voxels everywhere, fully above the orbits (the frontal poles reach far
+    # forward in thin wedges between the orbital roofs and the frontal bone).
+    above = np.broadcast_to(s_mm > ORBIT_TOP_MM, enclosed.shape)
+    big = ndimage.binary_dilation(big, iterations=3, mask=enclosed) | ndimage.binary_propagation(
+        big, mask=enclosed & above
+    )
     near = ndimage.binary_dilation(big)
-    return enclosed | near | (ndimage.binary_dilation(near) & bone)
+    return big | near | (ndimage.binary_dilation(near) & bone)
 
 
 def face_fields(
@@ -289,7 +302,8 @@ def face_fields(
     bone &= ~surf
     foreign |= surf
     seeds = outside | foreign
-    protected = _protected(bone, seeds, valid)
+    s_mm = (lo[0] + WORK_MM * np.arange(grid.shape[0], dtype=np.float32))[:, None, None]
+    protected = _protected(bone, seeds, valid, s_mm)
 
     rng = np.random.default_rng(opts.seed)
     ns, na, nl = grid.shape
