@@ -410,5 +410,8 @@ def test_distributed_worker_sigkilled_mid_task_completes_once(
                 assert "WorkerLostError" in worker.log_text()
             else:
                 assert "lease expired" in gw.log_text()
+            logs = gw.log_text() + worker.log_text()
     assert len(destination.received()) == n
     assert _stores(destination) == n  # forwarded exactly once
+    # Neither process logged the series UID (task arguments) or the planted identity.
+    assert series_uid not in logs and not any(s in logs for s in _planted(phantom_dir))
