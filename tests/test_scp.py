@@ -16,27 +16,25 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    MRImageStorage,
     RLELossless,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.sop_class import (
-    CTImageStorage,
-    MRImageStorage,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
 
 from gateway.config import CallerSettings, GatewaySettings, ScpTLS
 from gateway.controls import IngestControls
+from gateway.scp import VERIFICATION as Verification
 from gateway.scp import StorageSCP
 from gateway.spool import Spool
 from gateway.state import Kind, State, StateStore
@@ -133,7 +131,7 @@ def test_echo_and_store_with_dcmtk(tmp_path: Path) -> None:
 
 def _to_syntax(src: Path, dst: Path, syntax: str) -> None:
     """Re-encode one file with dcmtk (deflate, implicit VR, JPEG lossless) or pydicom."""
-    tools = {
+    tools: dict[str, list[str]] = {
         ImplicitVRLittleEndian: ["dcmconv", "+ti"],
         DeflatedExplicitVRLittleEndian: ["dcmconv", "+td"],
         JPEGLosslessSV1: ["dcmcjpeg", "+e1"],
@@ -148,7 +146,7 @@ def _to_syntax(src: Path, dst: Path, syntax: str) -> None:
     ds.save_as(dst, enforce_file_format=True)
 
 
-PROPOSE = {
+PROPOSE: dict[str, str] = {
     ImplicitVRLittleEndian: "-xi",
     ExplicitVRLittleEndian: "-xe",
     DeflatedExplicitVRLittleEndian: "-xd",
@@ -195,7 +193,7 @@ def test_transfer_syntaxes_are_spooled_byte_for_byte_as_sent(tmp_path: Path, syn
 
 def test_calling_ae_allow_list_bound_to_ip_and_called_ae(tmp_path: Path) -> None:
     callers = [
-        CallerSettings(ae_title="GOOD"),
+        CallerSettings(ae_title="GOOD", host=None),
         CallerSettings(ae_title="PINNED", host="10.255.255.1"),
     ]
     with running_scp(tmp_path, allowed_callers=callers) as (scp, _, _):
@@ -227,7 +225,9 @@ def test_accepted_sockets_have_tcp_nodelay(tmp_path: Path) -> None:
         assoc = _assoc(scp.port, [(Verification, [ExplicitVRLittleEndian])])
         try:
             (server_side,) = scp.server.active_associations
-            sock = server_side.dul.socket.socket
+            assoc_socket = server_side.dul.socket
+            assert assoc_socket is not None and assoc_socket.socket is not None
+            sock = assoc_socket.socket
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         finally:
             assoc.release()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from gateway.config import load_settings
 from gateway.state import SeriesRecord, StateStore, UnknownSeriesError
