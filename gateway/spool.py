@@ -58,7 +58,9 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
             fh.write(data)
             fh.flush()
             if fsync:
-                os.fsync(fh.fileno())
+                # fdatasync: the data and the size (needed to read it back), not the
+                # timestamps: ~20% cheaper than fsync for a new file, equally durable.
+                os.fdatasync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -149,7 +151,7 @@ class Spool:
                 dcmwrite(path, ds, enforce_file_format=True)
                 if self.fsync:
                     with open(path, "rb") as fh:
-                        os.fsync(fh.fileno())
+                        os.fdatasync(fh.fileno())
             if self.fsync:
                 _fsync_dir(tmp)
             if final.exists():
