@@ -79,6 +79,20 @@ class IngestState(BaseModel):
     paused: bool
 
 
+def _authorize(request: Request) -> None:
+    """Bearer-token check (constant time) when the admin API has a token."""
+    token = request.app.state.admin.token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise HTTPException(401, "missing or wrong bearer token")
+
+
+# Module level: FastAPI resolves these annotations from the module's globals.
+Auth = Annotated[None, Depends(_authorize)]
+
+
 def audit_dir(spool: Spool, series_uid: str, generation: int) -> Path:
     """Where the privacy audit of one job keeps its report and renders."""
     return spool.series_dir(series_uid) / "audit" / str(generation)
@@ -91,14 +105,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
         description="Series states, audit reports and operator actions of a defacegate gateway.",
     )
 
-    def authorize(request: Request) -> None:
-        if ctx.token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {ctx.token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token")
-
-    Auth = Annotated[None, Depends(authorize)]
+    app.state.admin = ctx
 
     def record(series_id: str) -> SeriesRecord:
         for rec in ctx.store.find(*State):

@@ -1,0 +1,335 @@
+"""Operations: admin API, metrics, audit trail and dashboard over real jobs.
+
+A spool is populated by the real deface and forward jobs (the same functions a Celery worker
+runs) on a phantom whose header carries planted PHI: one series defaced by the anatomical
+engine and forwarded to a real dcmtk storescp, two series a deliberately broken engine left
+with a visible face (quarantined by the privacy audit, with outputs: releasable), and one whose
+mask is implausible (quarantined without outputs). The dashboard is driven in Debian's
+chromium through Playwright.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from gateway.admin import AdminContext, create_app
+from gateway.config import AdminSettings, Settings
+from gateway.controls import IngestControls
+from gateway.metrics import Metrics
+from gateway.spool import StoreOutcome
+from gateway.state import Kind, State
+from gateway.tasks import Context, Outcome, run_deface, run_forward
+from inference.dicomgen import make_ct_series
+from inference.engines.anatomical import AnatomicalEngine
+from inference.geometry import Geometry
+from tests.support.pacs import LOCALHOST, StoreSCP, free_port, wait_for
+from tests.support.phantom import cached_phantom
+
+KEY = "ops-test-key-0123456789abcdef"
+PHANTOM = {"matrix": 192, "slice_thickness": 2.0, "phi": True, "seed": 3}
+
+
+class CornerEngine:
+    """Masks 50 mL in a corner and leaves the face: the audit must hold the series."""
+
+    name = "corner"
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        m = np.zeros(hu.shape, bool)
+        m[:40, :40, :40] = True
+        return m
+
+
+class TinyEngine(CornerEngine):
+    """A 27-voxel mask: implausible, quarantined before de-identification."""
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        m = np.zeros(hu.shape, bool)
+        m[:3, :3, :3] = True
+        return m
+
+
+@dataclass
+class Populated:
+    ctx: Context
+    destination: StoreSCP
+    planted: list[str]
+    series: dict[str, str]  # role → original series UID
+    log_text: str
+
+    def log_id(self, role: str) -> str:
+        return self.ctx.store.get(self.series[role]).log_id
+
+
+def _receive(ctx: Context, datasets: list[Any]) -> str:
+    for ds in datasets:
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        outcome = ctx.spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, buf.getvalue())
+        ctx.store.record_instance(
+            ds.SeriesInstanceUID,
+            kind=Kind.CT,
+            changed=outcome is not StoreOutcome.DUPLICATE,
+            new_instance=outcome is StoreOutcome.NEW,
+        )
+    return str(datasets[0].SeriesInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Populated]:
+    root = tmp_path_factory.mktemp("ops")
+    phantom = cached_phantom(**PHANTOM)
+    with StoreSCP(root / "dest") as destination:
+        destination.start()
+        settings = Settings(
+            deid={"key": KEY},
+            gateway={"spool_dir": root / "spool", "free_space_floor_mb": 0},
+            destinations=[{"ae_title": "STORESCP", "host": LOCALHOST, "port": destination.port}],
+            forward={"retries": 0},
+        )
+        engines = {
+            "done": AnatomicalEngine(),
+            "held": CornerEngine(),
+            "held2": CornerEngine(),
+            "implausible": TinyEngine(),
+        }
+        series: dict[str, str] = {}
+        records = logging.getLogger()
+        stream = BytesIO()
+        handler = logging.StreamHandler(_Utf8(stream))
+        handler.setLevel(logging.DEBUG)
+        records.addHandler(handler)
+        old_level = records.level
+        records.setLevel(logging.DEBUG)
+        try:
+            for role, engine in engines.items():
+                ctx = Context.from_settings(settings, engine=lambda e=engine: e)
+                dss = make_ct_series(phantom.hu, phantom.geometry, header=phantom.header)
+                uid = series[role] = _receive(ctx, dss)
+                ctx.store.settle(0.0, now=time.time() + 1)
+                outcome = run_deface(ctx, uid, 1, owner=f"test-{role}")
+                expected = Outcome.DEIDENTIFIED if role == "done" else Outcome.QUARANTINED
+                assert outcome is expected, role
+            forwarded = run_forward(ctx, series["done"], 1, owner="fwd")
+            assert forwarded is Outcome.DONE, ctx.store.get(series["done"]).reason
+        finally:
+            records.removeHandler(handler)
+            records.setLevel(old_level)
+        yield Populated(
+            Context.from_settings(settings),
+            destination,
+            phantom.planted_phi,
+            series,
+            stream.getvalue().decode("utf-8", "replace"),
+        )
+
+
+class _Utf8:
+    def __init__(self, buf: BytesIO) -> None:
+        self.buf = buf
+
+    def write(self, text: str) -> None:
+        self.buf.write(text.encode("utf-8"))
+
+    def flush(self) -> None:
+        return None
+
+
+def _app(p: Populated, token: str | None = None) -> Any:
+    ctx = p.ctx
+    metrics = Metrics(ctx.store, ctx.trail, ctx.spool.root)
+    return create_app(
+        AdminContext(
+            store=ctx.store,
+            trail=ctx.trail,
+            spool=ctx.spool,
+            controls=IngestControls(ctx.store.path),
+            metrics=metrics,
+            token=token,
+            probes={"state": lambda: None},
+        )
+    )
+
+
+@pytest.fixture
+def client(populated: Populated) -> TestClient:
+    return TestClient(_app(populated))
+
+
+def test_series_list_and_detail(client: TestClient, populated: Populated) -> None:
+    rows = {r["id"]: r for r in client.get("/api/series").json()}
+    done = rows[populated.log_id("done")]
+    assert done["state"] == "done" and done["outputs"] == done["instances"] > 0
+    assert set(done["timings"]) >= {"assemble", "deface", "deidentify", "audit"}
+    assert rows[populated.log_id("held")]["state"] == "quarantined"
+    assert rows[populated.log_id("held")]["reason"] == "FaceStillVisibleError"
+    assert rows[populated.log_id("implausible")]["reason"] == "ImplausibleMaskError"
+    quarantined = client.get("/api/series", params={"state": "quarantined"}).json()
+    assert len(quarantined) == 3
+
+    detail = client.get(f"/api/series/{populated.log_id('held')}").json()
+    assert detail["audit"]["decision"] == "quarantine"
+    assert detail["audit"]["original_face_found"] is True
+    assert "before_after.png" in detail["renders"]
+    png = client.get(f"/api/series/{populated.log_id('held')}/renders/before_after.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        client.get(f"/api/series/{populated.log_id('held')}/renders/..%2Fx.png").status_code == 404
+    )
+    events = [e["event"] for e in detail["events"]]
+    assert "quarantined" in events and "deidentified" in events
+    trail = client.get(f"/api/series/{populated.log_id('done')}").json()["events"]
+    deid = next(e for e in trail if e["event"] == "deidentified")
+    assert deid["detail"]["engine"] == "anatomical" and deid["detail"]["audit"] == "pass"
+    assert client.get("/api/series/0000000000").status_code == 404
+
+
+def test_openapi_schema_lists_the_actions(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/api/series",
+        "/api/series/{series_id}",
+        "/api/series/{series_id}/retry",
+        "/api/series/{series_id}/release",
+        "/api/series/{series_id}/discard",
+        "/api/ingest/pause",
+        "/api/ingest/resume",
+    ):
+        assert path in paths
+
+
+def test_metrics_report_states_stages_and_spool(client: TestClient) -> None:
+    text = client.get("/metrics").text
+    assert 'defacegate_series{state="quarantined"} 3.0' in text
+    assert 'defacegate_series{state="done"} 1.0' in text
+    assert 'defacegate_stage_seconds_count{stage="deface"} 3.0' in text
+    assert 'defacegate_stage_seconds_count{stage="forward"} 0.0' in text
+    assert "defacegate_spool_free_bytes " in text
+    assert "defacegate_dead_letter_series 0.0" in text
+
+
+def test_release_forwards_only_what_has_outputs(client: TestClient, populated: Populated) -> None:
+    held = populated.log_id("held")
+    assert client.post(f"/api/series/{populated.log_id('done')}/retry").status_code == 409
+    nothing = client.post(f"/api/series/{populated.log_id('implausible')}/release")
+    assert nothing.status_code == 409 and "nothing to release" in nothing.json()["detail"]
+    before = len(populated.destination.received())
+    released = client.post(f"/api/series/{held}/release").json()
+    assert released == {"id": held, "state": "deidentified"}
+    uid = populated.series["held"]
+    assert run_forward(populated.ctx, uid, 1, owner="after-release") is Outcome.DONE
+    wait_for(lambda: len(populated.destination.received()) > before, 10, "released series")
+    events = [e["event"] for e in client.get(f"/api/series/{held}").json()["events"]]
+    assert "released" in events
+
+
+def test_discard_removes_the_series(client: TestClient, populated: Populated) -> None:
+    lid = populated.log_id("implausible")
+    folder = populated.ctx.spool.series_dir(populated.series["implausible"])
+    assert folder.exists()
+    assert client.post(f"/api/series/{lid}/discard").json()["state"] == "discarded"
+    assert not folder.exists()
+    assert client.post(f"/api/series/{lid}/discard").status_code == 409
+
+
+def test_pause_and_resume_ingest(client: TestClient, populated: Populated) -> None:
+    controls = IngestControls(populated.ctx.store.path)
+    assert client.post("/api/ingest/pause").json() == {"paused": True}
+    assert controls.paused and client.get("/api/ingest").json() == {"paused": True}
+    assert client.post("/api/ingest/resume").json() == {"paused": False}
+    assert not controls.paused
+
+
+def test_token_is_required_when_configured(populated: Populated) -> None:
+    app = TestClient(_app(populated, token="s3cret-token"))
+    assert app.get("/healthz").status_code == 200
+    assert app.get("/api/series").status_code == 401
+    assert app.get("/metrics").status_code == 401
+    assert app.get("/api/series", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = app.get("/api/series", headers={"Authorization": "Bearer s3cret-token"})
+    assert ok.status_code == 200
+    with pytest.raises(ValueError, match=r"admin\.token is required"):
+        AdminSettings(host="0.0.0.0")
+    assert AdminSettings(host="0.0.0.0", token=SecretStr("x")).token is not None
+
+
+def test_no_planted_phi_in_logs_metrics_api_or_trail(
+    client: TestClient, populated: Populated
+) -> None:
+    assert len(populated.planted) > 20
+    texts = {"logs": populated.log_text, "metrics": client.get("/metrics").text}
+    for row in client.get("/api/series").json():
+        texts[f"api {row['id']}"] = client.get(f"/api/series/{row['id']}").text
+    texts["trail"] = "".join(
+        repr(e)
+        for uid in populated.series.values()
+        for e in populated.ctx.trail.events(populated.ctx.store.get(uid).log_id)
+    )
+    assert "defacing" in texts["logs"]  # the capture really saw the jobs' logs
+    for where, text in texts.items():
+        upper = text.upper()
+        for value in populated.planted:
+            assert value.upper() not in upper, f"planted PHI found in {where}"
+        for uid in populated.series.values():
+            assert uid not in text, f"original series UID found in {where}"
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+
+@pytest.fixture
+def admin_server(populated: Populated) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(_app(populated), host=LOCALHOST, port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 20, "admin server")
+    yield f"http://{LOCALHOST}:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_dashboard_lists_series_and_releases_with_a_click(
+    admin_server: str, populated: Populated
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    held = populated.log_id("held2")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(admin_server + "/")
+            done = page.locator(f'#series tr[data-series="{populated.log_id("done")}"]')
+            expect(done).to_contain_text("done")
+            card = page.locator(f'.review[data-series="{held}"]')
+            expect(card.locator("img")).to_have_count(7)  # 3 + 3 views and the strip
+            card.locator("button.release").click()
+            row = page.locator(f'#series tr[data-series="{held}"]')
+            expect(row).to_contain_text("deidentified", timeout=10_000)
+        finally:
+            browser.close()
+    assert populated.ctx.store.get(populated.series["held2"]).state is State.DEIDENTIFIED
