@@ -23,6 +23,7 @@ COMMANDS = (
     "retry",
     "models",
     "audit",
+    "config",
 )
 
 

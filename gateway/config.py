@@ -57,6 +57,11 @@ class DefaceSettings(_Section):
         "read by nnU-Net's SimpleITKIO, as CTA-DEFACE) or 'native' (DICOM slice/row/col).",
     )
 
+    @field_validator("models_root", "model_dir")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(v).expanduser()
+
     @field_validator("fill")
     @classmethod
     def _check_fill(cls, v: str) -> str:
@@ -190,6 +195,11 @@ class GatewaySettings(_Section):
         120.0, gt=0, description="A task silent this long is presumed dead and re-dispatched."
     )
     poll_interval_s: float = Field(0.5, gt=0, description="Scheduler tick.")
+
+    @field_validator("spool_dir", "state_db")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(v).expanduser()
 
     @property
     def state_path(self) -> Path:
