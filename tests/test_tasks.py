@@ -415,3 +415,41 @@ def test_distributed_worker_sigkilled_mid_task_completes_once(
     assert _stores(destination) == n  # forwarded exactly once
     # Neither process logged the series UID (task arguments) or the planted identity.
     assert series_uid not in logs and not any(s in logs for s in _planted(phantom_dir))
+
+
+def test_start_up_adopts_series_spooled_but_not_recorded(tmp_path: Path) -> None:
+    """A crash between the spool's fsync and the state insert: the start-up scan finds the
+    files, registers the series and it goes through the normal quiet period."""
+    settings = _settings(tmp_path, free_port())
+    ctx = Context.from_settings(settings, engine=BoxEngine)
+    datasets = _series(4)
+    series_uid = datasets[0].SeriesInstanceUID
+    for ds in datasets:
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        ctx.spool.store(series_uid, ds.SOPInstanceUID, buf.getvalue())
+    gateway = Gateway(settings, ctx=ctx)
+    try:
+        gateway.recover()
+        rec = ctx.store.get(series_uid)
+        assert (rec.state, rec.instances) == (State.RECEIVED, 4)
+        assert ctx.store.settle(0.0, now=time.time() + 1)[0].state is State.STABLE
+    finally:
+        gateway.scp.stop()
+
+
+def test_serve_refuses_to_start_without_key_or_destination(tmp_path: Path) -> None:
+    no_destination = write_config(tmp_path / "a")
+    done = subprocess.run(
+        [DEFACEGATE, "--config", str(no_destination), "serve"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "no destinations" in done.stderr
+    no_key = write_config(
+        tmp_path / "b",
+        deid={"key": None},
+        destinations=[{"ae_title": "X", "host": LOCALHOST, "port": 104}],
+    )
+    done = subprocess.run(
+        [DEFACEGATE, "--config", str(no_key), "serve"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "deid.key is required" in done.stderr
