@@ -112,7 +112,10 @@ def _no_pause() -> bool:
 
 
 def handle_requested(
-    event: Event, settings: GatewaySettings, paused: Callable[[], bool] = _no_pause
+    event: Event,
+    settings: GatewaySettings,
+    paused: Callable[[], bool] = _no_pause,
+    on_reject: Callable[[], None] | None = None,
 ) -> None:
     """EVT_REQUESTED: reject unknown callers / wrong called AE with A-ASSOCIATE-RJ; while an
     operator has paused ingest, refuse transiently so the sender queues and retries."""
@@ -132,8 +135,21 @@ def handle_requested(
         log.warning("association refused: ingest paused by an operator (from %s)", address)
         reject = _RJ_LOCAL_LIMIT_EXCEEDED
     if reject is not None:
+        if on_reject is not None:
+            on_reject()  # before kill(): it ends this association's thread
         assoc.acse.send_reject(*reject)
         assoc.kill()  # as pynetdicom's own ACSE does after a reject: flush it, stop the DUL
+
+
+def counted(handler: Callable[..., Any], on_result: Callable[[Any], None]) -> Callable[..., Any]:
+    """Wrap an event handler so its result is also reported (metrics), unchanged."""
+
+    def wrapper(event: Event, *args: Any) -> Any:
+        result = handler(event, *args)
+        on_result(result)
+        return result
+
+    return wrapper
 
 
 def handle_echo(event: Event) -> Status:
@@ -247,13 +263,16 @@ class StorageSCP:
         spool: Spool,
         store: StateStore,
         paused: Callable[[], bool] = _no_pause,
+        on_store: Callable[[Status], None] | None = None,
+        on_reject: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ae = build_ae(settings)
+        store_handler = counted(handle_store, on_store) if on_store else handle_store
         handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list]] = [
-            (evt.EVT_REQUESTED, handle_requested, [settings, paused]),
+            (evt.EVT_REQUESTED, handle_requested, [settings, paused, on_reject]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [spool, store, settings]),
+            (evt.EVT_C_STORE, store_handler, [spool, store, settings]),
         ]
         self.server = self.ae.make_server(
             (settings.host, settings.port),

@@ -21,11 +21,15 @@ import logging
 import queue
 import threading
 import uuid
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from gateway.admin import AdminContext, AdminServer
+from gateway.admin import create_app as create_admin_app
 from gateway.config import Settings
 from gateway.controls import IngestControls
 from gateway.keys import log_id
+from gateway.metrics import Metrics
 from gateway.scp import StorageSCP
 from gateway.state import Stage, State
 from gateway.tasks import JOBS, Context
@@ -120,15 +124,69 @@ class Gateway:
             EmbeddedDispatcher(self.ctx) if self.embedded else CeleryDispatcher(settings)
         )
         self.controls = IngestControls(settings.gateway.state_path)
+        self.metrics = Metrics(self.ctx.store, self.ctx.trail, self.ctx.spool.root)
         self.scp = StorageSCP(
-            settings.gateway, self.ctx.spool, self.ctx.store, paused=lambda: self.controls.paused
+            settings.gateway,
+            self.ctx.spool,
+            self.ctx.store,
+            paused=lambda: self.controls.paused,
+            on_store=lambda status: self.metrics.instances.labels(status.name.lower()).inc(),
+            on_reject=self.metrics.associations_rejected.inc,
         )
+        self.admin: AdminServer | None = None
+        if settings.admin.enabled:
+            self.admin = AdminServer(self._admin_app(), settings.admin.host, settings.admin.port)
         self._stop = threading.Event()
         self._scheduler = threading.Thread(target=self._loop, name="defacegate-scheduler")
 
     @property
     def port(self) -> int:
         return self.scp.port
+
+    def _admin_app(self) -> Any:
+        token = self.settings.admin.token
+        return create_admin_app(
+            AdminContext(
+                store=self.ctx.store,
+                trail=self.ctx.trail,
+                spool=self.ctx.spool,
+                controls=self.controls,
+                metrics=self.metrics,
+                token=None if token is None else token.get_secret_value(),
+                probes=self._probes(),
+            )
+        )
+
+    def _probes(self) -> dict[str, Callable[[], str | None]]:
+        """Readiness: the state database answers, the spool has room, the SCP listens, and
+        (distributed mode) the broker answers."""
+
+        def state() -> str | None:
+            self.ctx.store.pending_count()
+            return None
+
+        def spool() -> str | None:
+            try:
+                self.ctx.spool.check_free_space()
+            except OSError:
+                return "spool below its free-space floor"
+            return None
+
+        def scp() -> str | None:
+            return None if self.scp._thread.is_alive() else "SCP not listening"
+
+        probes = {"state": state, "spool": spool, "scp": scp}
+        if not self.embedded:
+            url = self.settings.celery.broker_url
+
+            def broker() -> str | None:
+                import redis
+
+                redis.Redis.from_url(url, socket_timeout=2).ping()  # type: ignore[arg-type]
+                return None
+
+            probes["broker"] = broker
+        return probes
 
     def recover(self) -> None:
         """Adopt spooled series the table lacks; in embedded mode void the dead process's
@@ -179,11 +237,16 @@ class Gateway:
     def start(self) -> None:
         self.recover()
         self.dispatcher.start()
+        if self.admin is not None:  # up before the SCP answers, so readiness can be asked
+            self.admin.start()
+            log.info("admin API on http://%s:%d", self.admin.host, self.admin.port)
         self.scp.start()
         self._scheduler.start()
         log.info("gateway running (%s mode)", "embedded" if self.embedded else "distributed")
 
     def stop(self) -> None:
+        if self.admin is not None:
+            self.admin.stop()
         self.scp.stop()
         self._stop.set()
         if self._scheduler.is_alive():

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -333,3 +334,61 @@ def test_dashboard_lists_series_and_releases_with_a_click(
         finally:
             browser.close()
     assert populated.ctx.store.get(populated.series["held2"]).state is State.DEIDENTIFIED
+
+
+# --------------------------------------------------------------- the served admin API
+
+
+def test_serve_runs_the_admin_api_metrics_and_pause(tmp_path: Path) -> None:
+    """`defacegate serve` with JSON logs: readiness, SCP counters in /metrics, and pausing
+    ingest through the API refuses new associations until resumed; the health check agrees."""
+    import json
+    import os
+    import subprocess
+    import urllib.request
+
+    from tests.support.gateway import GatewayProcess, write_config
+    from tests.support.pacs import c_echo
+
+    admin_port = free_port()
+    cfg = write_config(
+        tmp_path / "gw",
+        destinations=[{"ae_title": "NOWHERE", "host": LOCALHOST, "port": free_port()}],
+        admin={"port": admin_port},
+        log_format="json",
+    )
+    base = f"http://{LOCALHOST}:{admin_port}"
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            return r.read().decode()
+
+    def post(path: str) -> Any:
+        req = urllib.request.Request(base + path, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    with GatewayProcess(cfg) as gw:
+        assert json.loads(get("/readyz")) == {"ready": True, "problems": {}}
+        assert c_echo(gw.port, gw.ae_title) == 0
+        health = subprocess.run(
+            [str(Path(__file__).parents[1] / ".venv/bin/python"), "-m", "gateway.health"],
+            env={**os.environ, "DEFACEGATE_CONFIG": str(cfg)},
+            capture_output=True,
+            text=True,
+        )
+        assert health.returncode == 0, health.stderr
+        assert post("/api/ingest/pause") == {"paused": True}
+        assert c_echo(gw.port, gw.ae_title) is None  # A-ASSOCIATE-RJ while paused
+        metrics = get("/metrics")
+        rejected = [
+            x
+            for x in metrics.splitlines()
+            if x.startswith("defacegate_associations_rejected_total")
+        ]
+        assert rejected == ["defacegate_associations_rejected_total 1.0"], rejected
+        assert post("/api/ingest/resume") == {"paused": False}
+        assert c_echo(gw.port, gw.ae_title) == 0
+        lines = [json.loads(x) for x in gw.log_text().splitlines() if x.startswith("{")]
+        assert any("admin API on" in x["message"] for x in lines)
+        assert all({"ts", "level", "logger", "message"} <= set(x) for x in lines)

@@ -89,6 +89,7 @@ def _settings(tmp_path: Path, port: int, **extra: Any) -> Settings:
         # Box engines on tiny volumes: the privacy audit would rightly refuse them. The gate
         # is tested in tests/test_pipeline_audit.py, tests/test_ops.py and the e2e tests.
         "audit": {"enabled": False},
+        "admin": {"port": 0},
         "gateway": {
             "spool_dir": tmp_path / "spool",
             "free_space_floor_mb": 0,

@@ -62,6 +62,7 @@ def write_config(root: Path, **sections: Any) -> Path:
             "lease_timeout_s": 10.0,
         },
         "forward": {"retries": 3, "backoff_base_s": 1.0, "backoff_cap_s": 5.0},
+        "admin": {"port": 0},  # ephemeral: several test gateways may run at once
     }
     config = _merge(config, sections)
     path = root / "defacegate.yaml"
