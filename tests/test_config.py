@@ -58,3 +58,17 @@ def test_config_command_masks_secrets(tmp_path: Path) -> None:
     )
     assert "a-long-enough-secret-key" not in run.stdout and "tok-123456" not in run.stdout
     assert '"key": "**********"' in run.stdout
+
+
+def test_deface_command_line_overrides_the_configuration() -> None:
+    from gateway.cli import build_parser
+    from gateway.commands.deface import apply_overrides
+
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        ["deface", "in", "out", "--no-roi", "--bone", "remove", "--fill", "p10"]
+    )
+    s = apply_overrides(args, Settings())
+    assert (s.deface.roi, s.deface.bone, s.deface.fill) == (False, "remove", "p10")
+    untouched = apply_overrides(parser.parse_args(["deface", "in", "out"]), Settings())
+    assert untouched == Settings()

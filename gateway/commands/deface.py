@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save-mask-nifti", action="store_true", help="also write the facemask as NIfTI"
     )
+    parser.add_argument(
+        "--no-roi",
+        dest="roi",
+        action="store_false",
+        default=None,
+        help="nnU-Net: predict on the whole volume instead of the face ROI crop",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -46,7 +53,12 @@ def apply_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
     """Command-line options take precedence over the configuration (validated again)."""
     deface: dict[str, Any] = {
         k: v
-        for k, v in (("engine", args.engine), ("fill", args.fill), ("bone", args.bone))
+        for k, v in (
+            ("engine", args.engine),
+            ("fill", args.fill),
+            ("bone", args.bone),
+            ("roi", getattr(args, "roi", None)),
+        )
         if v is not None
     }
     update: dict[str, Any] = {}
