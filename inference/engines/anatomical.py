@@ -46,6 +46,7 @@ from inference.engines.landmarks import (
     AIR_HU,
     BONE_HU,
     BONE_MAX_HU,
+    THIN_BONE_MEAN_HU,
     WORK_MM,
     Coarse,
     FaceLandmarks,
@@ -90,6 +91,10 @@ CLOSE_MM = 8.0
 CRANIAL_MIN_MM3 = 50_000.0
 #: Height above the globe centres from which the cranial cavity is regrown without limit.
 ORBIT_TOP_MM = 12.0
+#: Top of the mouth (teeth) level, where a gap in the bone front is an open mouth, mm.
+MOUTH_TOP_MM = -50.0
+#: A gap in the lower-face bone front blocks this far behind the interpolated front, mm.
+GAP_BEHIND_MM = 6.0
 #: Largest gap across which the bone front is filled in (open mouth, nostrils), mm.
 FRONT_FILL_MM = 30.0
 #: Amplitude (sd) of the smooth random perturbation of depth and region bounds, mm.
@@ -200,24 +205,27 @@ def _outward(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return lo + (hi - lo) * (0.5 + 0.5 * np.tanh(_smooth_noise(rng, shape)))
 
 
-def _bone_front(bone: np.ndarray, filled: np.ndarray) -> np.ndarray:
+def _bone_front(bone: np.ndarray, filled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per (s, l) column, index along a (axis 1) of the first bone within
-    FRONT_SEARCH_MM of the skin, seen from the front; gaps filled from neighbours up to
-    FRONT_FILL_MM, median-filtered (dental streaks); -inf-like (−1e3) where undefined."""
+    FRONT_SEARCH_MM of the skin, seen from the front; gaps (open mouth, nostrils, eyes)
+    filled from neighbours up to FRONT_FILL_MM; median-filtered over 10 mm in s so that
+    dental streak artefacts (bright bands a few mm thick) do not count; −1e3 where
+    undefined. Also returns where the front was filled rather than measured."""
     na = bone.shape[1]
     ar = np.arange(na)[None, :, None]
-    has_skin = filled.any(axis=1)
+    has_skin = np.asarray(filled.any(axis=1))
     skin = na - 1 - np.argmax(filled[:, ::-1, :], axis=1)
     near = bone & (ar >= (skin - FRONT_SEARCH_MM / WORK_MM)[:, None, :]) & has_skin[:, None, :]
     has = near.any(axis=1)
     front = (na - 1 - np.argmax(near[:, ::-1, :], axis=1)).astype(np.float32)
     if not has.any():
-        return np.full(has.shape, -1e3, np.float32)
+        return np.full(has.shape, -1e3, np.float32), np.zeros(has.shape, bool)
     dist, (ii, jj) = ndimage.distance_transform_edt(~has, return_indices=True)
     front = front[ii, jj]
-    front = ndimage.median_filter(front, size=3)
-    front[(dist * WORK_MM > FRONT_FILL_MM) | ~has_skin] = -1e3
-    return front
+    front = ndimage.median_filter(front, size=(5, 3))
+    undefined = (dist * WORK_MM > FRONT_FILL_MM) | ~has_skin
+    front[undefined] = -1e3
+    return front, ~has & ~undefined
 
 
 def _surface_bone(bone: np.ndarray, outside: np.ndarray) -> np.ndarray:
@@ -297,7 +305,7 @@ def face_fields(
     outside = valid & ~sealed
     # Objects outside the skin: table, head holder, eye shields, glasses, tubes.
     foreign = outside & (mean > AIR_HU)
-    bone = body & ((mean >= BONE_HU) | (peak >= BONE_MAX_HU))
+    bone = body & ((mean >= BONE_HU) | ((peak >= BONE_MAX_HU) & (mean >= THIN_BONE_MEAN_HU)))
     surf = _surface_bone(bone, outside)
     bone &= ~surf
     foreign |= surf
@@ -322,12 +330,22 @@ def face_fields(
     st18 = ndimage.generate_binary_structure(3, 2)
     for i in range(n_iter + 1):
         reach = ndimage.binary_dilation(reach, st18 if i % 2 else st6, mask=allowed)
-    reach |= ndimage.binary_dilation(reach, st6) & bone & ~protected
+    # Two layers into the coarse bone (max-pooling makes it ~2 mm fatter than the real
+    # bone); at full resolution voxels >= 250 HU there are kept, the soft rest goes.
+    reach |= ndimage.binary_dilation(reach, st6, iterations=2, mask=bone & ~protected)
     depth = ndimage.distance_transform_edt(~seeds, sampling=WORK_MM).astype(np.float32)
     # Nor behind bone seen from the front. Bone-dense specks in front of the (robust)
     # facial-bone front - dental streaks, calcifications - do not block.
-    front = _bone_front(bone, filled)
-    solid = bone & (ai <= front[:, None, :] + 1.0)
+    front, gap = _bone_front(bone, filled)
+    # Only bone at least two voxels thick along the ray casts a shadow: a speck at the edge
+    # of a rim (or a bright vessel) must not leave the tissue behind it.
+    thick = bone.copy()
+    thick[:, 1:, :] &= bone[:, :-1, :]
+    solid = thick & (ai <= front[:, None, :] + 1.0)
+    # In the lower face a gap in the bone front (open mouth between the teeth) blocks too,
+    # so the tongue behind an open mouth is not taken for face.
+    lower = (s <= MOUTH_TOP_MM) & (s >= chin + BELOW_CHIN_MM) & gap[:, None, :]
+    solid |= lower & (ai == np.floor(front[:, None, :]) - GAP_BEHIND_MM / WORK_MM)
     behind = np.logical_or.accumulate(solid[:, ::-1, :], axis=1)[:, ::-1, :]
     reach &= ~behind | bone
     dfield = np.where(reach, opts.depth_mm + jitter - depth, -_CLIP).astype(np.float32)
@@ -503,7 +521,8 @@ def upsample_mask(fields: FaceFields, hu: np.ndarray, geometry: Geometry) -> np.
         return mask
     sub_aff = bl.copy()
     sub_aff[:3, 3] = bl[:3, :3] @ clo + bl[:3, 3]
-    sub = Grid(sub_aff, tuple(int(x) for x in chi - clo))
+    size = chi - clo
+    sub = Grid(sub_aff, (int(size[0]), int(size[1]), int(size[2])))
     fc = resample(fields.inside, fields.grid, sub, order=1, cval=-_CLIP)
     kc = resample(fields.keep_bone.astype(np.float32), fields.grid, sub, order=0, cval=1.0) > 0.5
     lo = clo * f

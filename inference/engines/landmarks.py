@@ -39,6 +39,8 @@ AIR_HU = -500.0
 BONE_HU = 250.0
 #: Block maximum that marks thin cortical bone which averaging would dilute.
 BONE_MAX_HU = 600.0
+#: ... but only where the block mean shows some of it (not a neighbour's edge), HU.
+THIN_BONE_MEAN_HU = 100.0
 #: Eye-globe (vitreous) density and tolerance, HU.
 GLOBE_HU, GLOBE_TOL_HU = 15.0, 35.0
 #: Distance between the two globe centres (adult range with margin), mm.
@@ -47,6 +49,8 @@ GLOBE_PAIR_MM = (45.0, 85.0)
 GLOBE_DEPTH_MM = (4.0, 28.0)
 #: Length of the bone-free path a globe must have towards the air in front, mm.
 GLOBE_OPEN_MM = 36.0
+#: The orbital roof lies within this distance above a globe centre, mm.
+ORBIT_ROOF_MM = 28.0
 #: Where the chin is searched, face frame (s, a, |l|) mm relative to the eye midpoint.
 CHIN_WINDOW = ((-160.0, -55.0), (-50.0, 45.0), 25.0)
 #: Eye-midpoint-to-menton distance used when the chin is outside the field of view, mm.
@@ -121,6 +125,7 @@ class PatientView:
     body: np.ndarray  # bool
     filled: np.ndarray  # bool: body with internal air and orifices filled
     bone: np.ndarray  # bool
+    valid: np.ndarray  # bool: inside the source field of view
 
 
 def block_reduce(hu: np.ndarray, geometry: Geometry, target_mm: float = WORK_MM) -> Coarse:
@@ -167,7 +172,7 @@ def block_reduce(hu: np.ndarray, geometry: Geometry, target_mm: float = WORK_MM)
     affine = a.copy()
     affine[:3, :3] = a[:3, :3] * f
     affine[:3, 3] = a[:3, :3] @ ((f - 1) / 2.0) + a[:3, 3]
-    return Coarse(mean, peak, Grid(affine, tuple(int(x) for x in n)))
+    return Coarse(mean, peak, Grid(affine, (int(n[0]), int(n[1]), int(n[2]))))
 
 
 def frame_grid(
@@ -273,6 +278,8 @@ def _globe_candidates(p: PatientView) -> tuple[np.ndarray, np.ndarray]:
     resp = -ndimage.gaussian_laplace(w, sigma=sigma) * np.float32(sigma**2)
     depth = ndimage.distance_transform_edt(p.filled) * PVIEW_MM
     ok = (depth >= GLOBE_DEPTH_MM[0]) & (depth <= GLOBE_DEPTH_MM[1]) & (w > 0.3)
+    # A globe lies wholly inside the field of view (blobs where the FOV cuts the neck do not).
+    ok &= ndimage.distance_transform_edt(np.pad(p.valid, 1))[1:-1, 1:-1, 1:-1] * PVIEW_MM >= 20.0
     resp = np.where(ok, resp, 0.0).astype(np.float32)
     peaks = ndimage.maximum_filter(resp, size=2 * round(5.0 / PVIEW_MM) + 1)
     cand = np.argwhere((resp == peaks) & (resp > 0.08))
@@ -312,12 +319,29 @@ def _open_in_front(
     return False
 
 
+def _roof_above(p: np.ndarray, grid: Grid, bone: np.ndarray) -> bool:
+    """True if bone (the orbital roof) lies within ORBIT_ROOF_MM above ``p`` (index) along
+    some direction within ±25° of the scanner's superior."""
+    inv = np.linalg.inv(grid.affine)[:3, :3]
+    steps = np.arange(1, int(ORBIT_ROOF_MM / (PVIEW_MM / 2)) + 1) * (PVIEW_MM / 2)
+    for tilt in (0.0, -25.0, 25.0):
+        for axis in (ANTERIOR, LEFT):
+            t = np.radians(tilt)
+            d = np.cos(t) * SUPERIOR + np.sin(t) * axis
+            ijk = np.rint(p + (steps[:, None] * d) @ inv.T).astype(int)
+            ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(bone.shape)), axis=1)]
+            if len(ijk) and bone[tuple(ijk.T)].any():
+                return True
+    return False
+
+
 def find_eyes(p: PatientView) -> tuple[np.ndarray, np.ndarray]:
     """(right, left) eye-globe centres, LPS mm; FacemaskError when no plausible pair."""
     cand, vals = _globe_candidates(p)
     pts = p.grid.to_patient(cand) if len(cand) else np.zeros((0, 3))
     open_ = [
         _open_in_front(cand[i], ANTERIOR, SUPERIOR, p.grid, p.filled, p.bone)
+        and _roof_above(cand[i], p.grid, p.bone)
         for i in range(len(cand))
     ]
     best: tuple[float, int, int] | None = None
@@ -389,9 +413,10 @@ def patient_view(c: Coarse, geometry: Geometry) -> PatientView:
     grid = frame_grid(paxes, frame.min(0), frame.max(0), np.zeros(3), PVIEW_MM)
     mean = resample(c.mean, c.grid, grid, cval=-1000.0)
     peak = resample(c.peak, c.grid, grid, cval=-1000.0)
-    body, filled = body_masks(mean, valid_region(c.grid, grid), PVIEW_MM)
-    bone = body & ((mean >= BONE_HU) | (peak >= BONE_MAX_HU))
-    return PatientView(grid, mean, body, filled, bone)
+    valid = valid_region(c.grid, grid)
+    body, filled = body_masks(mean, valid, PVIEW_MM)
+    bone = body & ((mean >= BONE_HU) | ((peak >= BONE_MAX_HU) & (mean >= THIN_BONE_MEAN_HU)))
+    return PatientView(grid, mean, body, filled, bone, valid)
 
 
 def locate(hu: np.ndarray, geometry: Geometry) -> tuple[FaceLandmarks, Coarse, PatientView]:
