@@ -19,7 +19,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -34,32 +33,12 @@ from gateway.state import Kind, State
 from gateway.tasks import Context, Outcome, run_deface, run_forward
 from inference.dicomgen import make_ct_series
 from inference.engines.anatomical import AnatomicalEngine
-from inference.geometry import Geometry
+from tests.support.engines import CornerEngine, TinyEngine
 from tests.support.pacs import LOCALHOST, StoreSCP, free_port, wait_for
 from tests.support.phantom import cached_phantom
 
 KEY = "ops-test-key-0123456789abcdef"
 PHANTOM = {"matrix": 192, "slice_thickness": 2.0, "phi": True, "seed": 3}
-
-
-class CornerEngine:
-    """Masks 50 mL in a corner and leaves the face: the audit must hold the series."""
-
-    name = "corner"
-
-    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
-        m = np.zeros(hu.shape, bool)
-        m[:40, :40, :40] = True
-        return m
-
-
-class TinyEngine(CornerEngine):
-    """A 27-voxel mask: implausible, quarantined before de-identification."""
-
-    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
-        m = np.zeros(hu.shape, bool)
-        m[:3, :3, :3] = True
-        return m
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from anonymizer import Profile
@@ -13,21 +12,10 @@ from gateway.pipeline import StageError, deface_to_directory, engine_for_bone, p
 from inference.dicomgen import make_ct_series
 from inference.engines.anatomical import AnatomicalEngine, AnatomicalOptions
 from inference.errors import FaceStillVisibleError, ImplausibleMaskError
-from inference.geometry import Geometry
+from tests.support.engines import CornerEngine, TinyEngine
 from tests.support.phantom import cached_phantom
 
 KEY = "p" * 32
-
-
-class CornerEngine:
-    """A plausible-sized mask (> 20 mL) that misses the face entirely: a broken engine."""
-
-    name = "corner"
-
-    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
-        m = np.zeros(hu.shape, bool)
-        m[:40, :40, :40] = True
-        return m
 
 
 def _phantom_datasets():
@@ -67,12 +55,6 @@ def test_face_left_in_place_is_escalated_then_refused(tmp_path: Path) -> None:
 
 
 def test_tiny_mask_is_implausible_not_escalated() -> None:
-    class TinyEngine(CornerEngine):
-        def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
-            m = np.zeros(hu.shape, bool)
-            m[:3, :3, :3] = True
-            return m
-
     _, dss = _phantom_datasets()
     with pytest.raises(StageError) as err:
         process_series(dss, TinyEngine(), Profile(key=KEY.encode()), Settings())
