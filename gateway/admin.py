@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel
 
+from gateway import operator
 from gateway.controls import IngestControls
 from gateway.metrics import Metrics
 from gateway.spool import Spool
@@ -193,48 +193,31 @@ def create_app(ctx: AdminContext) -> FastAPI:
             raise HTTPException(404, "no such render")
         return FileResponse(path, media_type=_PNG)
 
-    def act(series_id: str, action: Callable[[SeriesRecord], SeriesRecord], event: str) -> Any:
+    def act(series_id: str, action: Callable[..., SeriesRecord]) -> Any:
         rec = record(series_id)
         try:
-            new = action(rec)
-        except (NotRetryableError, ValueError) as exc:
+            new = action(ctx.store, ctx.spool, ctx.trail, rec, by="admin-api")
+        except NotRetryableError as exc:
             raise HTTPException(409, str(exc)) from None
         except UnknownSeriesError:
             raise HTTPException(404, "unknown series") from None
-        ctx.trail.record(rec.series_uid, event, generation=new.generation, by="admin-api")
         return {"id": new.log_id, "state": new.state}
 
     @app.post("/api/series/{series_id}/retry", response_model=ActionResult, tags=["actions"])
     def retry(series_id: str, _: Auth) -> Any:
         """Re-queue a dead-lettered (failed) series."""
-
-        def run(rec: SeriesRecord) -> SeriesRecord:
-            outputs = bool(ctx.spool.output_paths(rec.series_uid, rec.generation))
-            return ctx.store.retry(rec.series_uid, has_outputs=outputs)
-
-        return act(series_id, run, "retried")
+        return act(series_id, operator.retry)
 
     @app.post("/api/series/{series_id}/release", response_model=ActionResult, tags=["actions"])
     def release(series_id: str, _: Auth) -> Any:
         """Forward a quarantined series after review. Only series whose defaced,
         de-identified outputs exist (quarantined by the privacy audit) can be released."""
-
-        def run(rec: SeriesRecord) -> SeriesRecord:
-            outputs = bool(ctx.spool.output_paths(rec.series_uid, rec.generation))
-            return ctx.store.release(rec.series_uid, has_outputs=outputs)
-
-        return act(series_id, run, "released")
+        return act(series_id, operator.release)
 
     @app.post("/api/series/{series_id}/discard", response_model=ActionResult, tags=["actions"])
     def discard(series_id: str, _: Auth) -> Any:
         """Delete a quarantined or failed series from the spool; nothing is forwarded."""
-
-        def run(rec: SeriesRecord) -> SeriesRecord:
-            new = ctx.store.discard(rec.series_uid)
-            shutil.rmtree(ctx.spool.series_dir(rec.series_uid), ignore_errors=True)
-            return new
-
-        return act(series_id, run, "discarded")
+        return act(series_id, operator.discard)
 
     @app.get("/api/ingest", response_model=IngestState, tags=["actions"])
     def ingest_state(_: Auth) -> dict[str, bool]:

@@ -21,6 +21,7 @@ COMMANDS = (
     "serve",
     "worker",
     "retry",
+    "quarantine",
     "models",
     "audit",
     "config",

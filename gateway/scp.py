@@ -57,6 +57,7 @@ from gateway.keys import log_id, safe_uid
 from gateway.spool import Spool, SpoolFullError, StoreOutcome
 from gateway.state import Kind, StateStore
 from gateway.statuses import Status
+from gateway.trail import AuditTrail
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,11 @@ def handle_echo(event: Event) -> Status:
 
 
 def handle_store(
-    event: Event, spool: Spool, store: StateStore, settings: GatewaySettings
+    event: Event,
+    spool: Spool,
+    store: StateStore,
+    settings: GatewaySettings,
+    trail: AuditTrail | None = None,
 ) -> Status:
     """C-STORE: validate the identifying UIDs, spool the raw bytes durably, record them."""
     try:
@@ -200,6 +205,14 @@ def handle_store(
     except sqlite3.Error as exc:  # e.g. locked for longer than the timeout: sender retries
         log.error("C-STORE refused: state database error (%s)", type(exc).__name__)
         return Status.OUT_OF_RESOURCES
+    if trail is not None and (received.new_series or received.superseded):
+        trail.record(
+            series_uid,
+            "received",
+            generation=received.generation,
+            calling_ae=str(event.assoc.requestor.ae_title).strip(),
+            transfer_syntax=str(event.context.transfer_syntax),
+        )
     if received.new_series:
         log.info("series %s: first instance received", log_id(series_uid))
     elif received.superseded:
@@ -265,6 +278,7 @@ class StorageSCP:
         paused: Callable[[], bool] = _no_pause,
         on_store: Callable[[Status], None] | None = None,
         on_reject: Callable[[], None] | None = None,
+        trail: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
         self.ae = build_ae(settings)
@@ -272,7 +286,7 @@ class StorageSCP:
         handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list]] = [
             (evt.EVT_REQUESTED, handle_requested, [settings, paused, on_reject]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, store_handler, [spool, store, settings]),
+            (evt.EVT_C_STORE, store_handler, [spool, store, settings, trail]),
         ]
         self.server = self.ae.make_server(
             (settings.host, settings.port),

@@ -132,6 +132,7 @@ class Gateway:
             paused=lambda: self.controls.paused,
             on_store=lambda status: self.metrics.instances.labels(status.name.lower()).inc(),
             on_reject=self.metrics.associations_rejected.inc,
+            trail=self.ctx.trail,
         )
         self.admin: AdminServer | None = None
         if settings.admin.enabled:

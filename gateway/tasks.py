@@ -315,6 +315,7 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
         return Outcome.NOTHING_TO_DO
     record = store.get(series_uid)
     files = spool.output_paths(series_uid, generation)
+    started = time.monotonic()
     with leased(store, series_uid, owner, _lease_interval(settings)):
         if not files or not settings.destinations:
             reason = "no output files" if not files else "no destination configured"
@@ -373,6 +374,14 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
                     next_attempt=time.time() + delay,
                     reason=f"transient: {exc}",
                 )
+                ctx.trail.record(
+                    series_uid,
+                    "forward_retry",
+                    generation=generation,
+                    destination=destination.ae_title,
+                    attempt=attempts,
+                    delay_s=round(delay, 1),
+                )
                 return Outcome.RETRY_LATER
             except PermanentForwardError as exc:
                 store.confirm(series_uid, generation, owner, key, exc.confirmed)
@@ -402,8 +411,24 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
                 )
                 return Outcome.FAILED
             store.confirm(series_uid, generation, owner, key, result.confirmed)
+            ctx.trail.record(
+                series_uid,
+                "forwarded",
+                generation=generation,
+                destination=destination.ae_title,
+                confirmed=len(result.confirmed),
+                sent=result.sent,
+                warnings=len(result.warnings),
+            )
     if not store.finish(series_uid, generation, owner, State.DONE, reason=None):
         return _superseded(ctx, series_uid, generation, written=False)
+    ctx.trail.record(
+        series_uid,
+        "done",
+        generation=generation,
+        stage="forward",
+        duration_s=round(time.monotonic() - started, 3),
+    )
     log.info(
         "series %s job %d: forwarded to %s",
         lid,

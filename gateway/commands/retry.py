@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway import operator
     from gateway.state import NotRetryableError, State, UnknownSeriesError
     from gateway.tasks import Context
 
@@ -26,12 +27,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for rec in store.find(State.FAILED):
             print(f"{rec.log_id}\t{rec.failed_stage}\t{rec.reason}")
         return 0 if args.list else 2
-    matches = [r for r in store.find(State.FAILED) if r.log_id == args.series]
-    series_uid = matches[0].series_uid if len(matches) == 1 else args.series
     try:
-        gen = store.get(series_uid).generation
-        has_outputs = bool(ctx.spool.output_paths(series_uid, gen))
-        rec = store.retry(series_uid, has_outputs=has_outputs)
+        rec = operator.retry(
+            store, ctx.spool, ctx.trail, operator.find(store, args.series), by="cli"
+        )
     except (UnknownSeriesError, NotRetryableError) as exc:
         print(f"defacegate retry: {exc}", file=sys.stderr)
         return 1
