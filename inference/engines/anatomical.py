@@ -375,7 +375,9 @@ def face_fields(
     region = region.astype(np.float32)
 
     # Bone handling: which bone (>= 250 HU at full resolution) stays.
-    keep_bone = ai <= front[:, None, :] + 1.0
+    # (columns without a defined front - no bone near the skin - keep their bone)
+    undefined = front[:, None, :] < -1e2
+    keep_bone = (ai <= front[:, None, :] + 1.0) | undefined
     keep_bone = np.broadcast_to(keep_bone, grid.shape).copy()
     bfield = np.full(grid.shape, -_CLIP, np.float32)
     if opts.bone != "keep":
@@ -389,7 +391,7 @@ def face_fields(
             shell = SMOOTH_SHELL_MM[0] + (SMOOTH_SHELL_MM[1] - SMOOTH_SHELL_MM[0]) * (
                 0.5 + 0.5 * np.tanh(u)
             )
-            cut = zone & ((front[:, None, :] - ai) * WORK_MM < shell[:, None, :])
+            cut = zone & ~undefined & ((front[:, None, :] - ai) * WORK_MM < shell[:, None, :])
         keep_bone &= ~cut
         bfield[cut] = _CLIP
 
