@@ -15,6 +15,7 @@ from inference.engines.anatomical import AnatomicalEngine, AnatomicalOptions, fa
 from inference.engines.landmarks import block_reduce, close_mm, first_label, locate
 from inference.errors import FacemaskError
 from inference.geometry import Geometry
+from inference.phantom import Phantom
 from inference.replace import replace_masked
 from tests.support.anatomical import (
     VARIANTS,
@@ -250,6 +251,31 @@ def test_fails_closed_when_the_eyes_are_cropped() -> None:
     geometry = Geometry(affine=p.geometry.affine, shape=(k, *p.hu.shape[1:]))
     with pytest.raises(FacemaskError):
         AnatomicalEngine().mask(np.ascontiguousarray(p.hu[:k]), geometry)
+
+
+def _crop(p: Phantom, k: slice, r: slice) -> tuple[np.ndarray, Geometry, np.ndarray, np.ndarray]:
+    """A sub-volume of the phantom (slices ``k``, rows ``r``) with its own geometry."""
+    affine = p.geometry.affine.copy()
+    affine[:3, 3] = p.geometry.index_to_patient(np.array([k.start or 0, r.start or 0, 0]))
+    hu = np.ascontiguousarray(p.hu[k, r])
+    return hu, Geometry(affine=affine, shape=hu.shape), p.facemask[k, r], p.intracranial[k, r]
+
+
+def test_cropped_forehead_and_nose_at_the_edge_of_the_field_of_view() -> None:
+    p = phantom(slice_thickness=2.0)
+    # Field of view starting 25 mm above the eyes (the vertex and most of the forehead cut).
+    k_top = int(p.geometry.patient_to_index(p.landmarks["pupil_left"] + [0, 0, 25.0])[0])
+    hu, geo, truth, brain = _crop(p, slice(0, k_top), slice(None))
+    mask = AnatomicalEngine().mask(hu, geo)
+    assert dice(mask, truth) >= 0.85
+    assert not (mask & brain).any()
+    # Field of view cutting the nose 8 mm behind its tip.
+    r0 = int(p.geometry.patient_to_index(p.landmarks["nose_tip"] + [0, 8.0, 0])[1])
+    hu, geo, truth, brain = _crop(p, slice(None), slice(r0, None))
+    mask = AnatomicalEngine().mask(hu, geo)
+    assert dice(mask, truth) >= 0.85
+    assert not (mask & brain).any()
+    assert mask[:, 0][hu[:, 0] > -500.0].mean() > 0.95  # the cut nose goes
 
 
 def test_face_region_covers_the_face_and_crops_the_volume() -> None:

@@ -291,11 +291,11 @@ def face_fields(
     lo = np.array([chin - BELOW_CHIN_MM - 3 * IRREGULAR_MM - 10.0, -post - 50.0, -110.0])
     hi = np.array([TOP_MM + 3 * IRREGULAR_MM + 20.0, 90.0, 110.0])
     grid = frame_grid(lm.axes, lo, hi, lm.centre)
-    mean = resample(coarse.mean, coarse.grid, grid, cval=-1000.0)
-    peak = resample(coarse.peak, coarse.grid, grid, cval=-1000.0)
+    mean = resample(coarse.mean, coarse.grid, grid, mode="nearest")
+    peak = resample(coarse.peak, coarse.grid, grid, mode="nearest")
     valid = valid_region(coarse.grid, grid)
-    body = resample(pview.body, pview.grid, grid) > 0.5
-    filled = (resample(pview.filled, pview.grid, grid) > 0.5) | body
+    body = (resample(pview.body, pview.grid, grid, mode="nearest") > 0.5) & valid
+    filled = (resample(pview.filled, pview.grid, grid, mode="nearest") > 0.5) | body
 
     # Seal orifices (nostrils, mouth, ear folds) up to ~2 CLOSE_MM wide so that the airway
     # never counts as "outside": closing by distance transforms (cheap at any radius).

@@ -49,6 +49,8 @@ GLOBE_PAIR_MM = (45.0, 85.0)
 GLOBE_DEPTH_MM = (4.0, 28.0)
 #: Length of the bone-free path a globe must have towards the air in front, mm.
 GLOBE_OPEN_MM = 36.0
+#: A globe centre lies at least this far inside the field of view, mm (radius ~12 mm).
+GLOBE_EDGE_MM = 15.0
 #: The orbital roof lies within this distance above a globe centre, mm.
 ORBIT_ROOF_MM = 28.0
 #: Where the chin is searched, face frame (s, a, |l|) mm relative to the eye midpoint.
@@ -188,9 +190,17 @@ def frame_grid(
 
 
 def resample(
-    vol: np.ndarray, src: Grid, dst: Grid, *, order: int = 1, cval: float = 0.0
+    vol: np.ndarray,
+    src: Grid,
+    dst: Grid,
+    *,
+    order: int = 1,
+    cval: float = 0.0,
+    mode: str = "constant",
 ) -> np.ndarray:
-    """Sample ``vol`` (on ``src``) at the voxels of ``dst`` (float32, constant outside)."""
+    """Sample ``vol`` (on ``src``) at the voxels of ``dst`` (float32; outside ``src``:
+    ``cval``, or the nearest value with ``mode="nearest"`` — then track the field of view
+    with :func:`valid_region`, so a volume's edge never looks like air)."""
     m = np.linalg.inv(src.affine) @ dst.affine
     return ndimage.affine_transform(
         np.asarray(vol, dtype=np.float32),
@@ -198,7 +208,7 @@ def resample(
         offset=m[:3, 3],
         output_shape=dst.shape,
         order=order,
-        mode="constant",
+        mode=mode,
         cval=cval,
         prefilter=False,
         output=np.float32,
@@ -279,7 +289,10 @@ def _globe_candidates(p: PatientView) -> tuple[np.ndarray, np.ndarray]:
     depth = ndimage.distance_transform_edt(p.filled) * PVIEW_MM
     ok = (depth >= GLOBE_DEPTH_MM[0]) & (depth <= GLOBE_DEPTH_MM[1]) & (w > 0.3)
     # A globe lies wholly inside the field of view (blobs where the FOV cuts the neck do not).
-    ok &= ndimage.distance_transform_edt(np.pad(p.valid, 1))[1:-1, 1:-1, 1:-1] * PVIEW_MM >= 20.0
+    ok &= (
+        ndimage.distance_transform_edt(np.pad(p.valid, 1))[1:-1, 1:-1, 1:-1] * PVIEW_MM
+        >= GLOBE_EDGE_MM
+    )
     resp = np.where(ok, resp, 0.0).astype(np.float32)
     peaks = ndimage.maximum_filter(resp, size=2 * round(5.0 / PVIEW_MM) + 1)
     cand = np.argwhere((resp == peaks) & (resp > 0.08))
@@ -411,8 +424,8 @@ def patient_view(c: Coarse, geometry: Geometry) -> PatientView:
     )
     frame = geometry.index_to_patient(corners) @ paxes
     grid = frame_grid(paxes, frame.min(0), frame.max(0), np.zeros(3), PVIEW_MM)
-    mean = resample(c.mean, c.grid, grid, cval=-1000.0)
-    peak = resample(c.peak, c.grid, grid, cval=-1000.0)
+    mean = resample(c.mean, c.grid, grid, mode="nearest")
+    peak = resample(c.peak, c.grid, grid, mode="nearest")
     valid = valid_region(c.grid, grid)
     body, filled = body_masks(mean, valid, PVIEW_MM)
     bone = body & ((mean >= BONE_HU) | ((peak >= BONE_MAX_HU) & (mean >= THIN_BONE_MEAN_HU)))
