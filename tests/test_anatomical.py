@@ -23,6 +23,7 @@ from tests.support.anatomical import (
     head_coordinates,
     phantom,
     voxels_near,
+    with_dental_streaks,
 )
 
 # ------------------------------------------------------------------ building blocks
@@ -184,6 +185,20 @@ def test_tube_outside_the_face_is_removed() -> None:
     mask = AnatomicalEngine().mask(p.hu, p.geometry)
     tissue = outside[p.hu[tuple(outside.T)] > -500.0]
     assert mask[tuple(tissue.T)].mean() > 0.99
+
+
+def test_dental_streak_artefacts_do_not_save_the_lips() -> None:
+    p = phantom(slice_thickness=2.0)
+    hu = with_dental_streaks(p)
+    mask = AnatomicalEngine().mask(hu, p.geometry)
+    assert dice(mask, p.facemask) >= 0.85
+    assert not (mask & p.intracranial).any()
+    lips = voxels_near(p.geometry, p.landmarks["stomion"], 6.0)
+    lips = lips[p.hu[tuple(lips.T)] > -500.0]
+    streaked = hu[tuple(lips.T)]
+    assert (streaked >= 250.0).sum() > 5  # the streaks made some lip voxels bone-bright
+    # Every lip voxel that does not already look like air (dark bands) goes, bright or not.
+    assert mask[tuple(lips[streaked > -500.0].T)].all()
 
 
 def test_bone_options_remove_and_smooth_facial_bone_only() -> None:

@@ -19,7 +19,8 @@ from inference.phantom import Phantom, PhantomOptions, generate_phantom
 MATRIX = 192
 
 #: Phantom variants the quality requirements name (issue 3): rotations ±20°, gantry tilt,
-#: eye shields, tube, head-only and head-and-neck fields of view, 0.5–5 mm slices.
+#: eye shields, tube, head-only and head-and-neck fields of view, 0.5–5 mm slices; plus a
+#: head holder and low-dose noise.
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "yaw+20": {"yaw": 20.0, "slice_thickness": 2.0},
@@ -37,6 +38,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "head-fov": {"fov": "head", "slice_thickness": 2.0},
     "slices-0.5mm": {"fov": "head", "slice_thickness": 0.5},
     "slices-5mm": {"slice_thickness": 5.0},
+    "noise-40HU": {"noise": 40.0, "slice_thickness": 2.0},
 }
 
 
@@ -80,3 +82,20 @@ def head_coordinates(p: Phantom, idx: np.ndarray) -> np.ndarray:
     centre = (p.landmarks["pupil_left"] + p.landmarks["pupil_right"]) / 2.0
     xyz = p.geometry.index_to_patient(idx) - centre
     return np.stack([xyz @ left, xyz @ ant, xyz @ sup], axis=-1)
+
+
+def with_dental_streaks(p: Phantom, n_slices: int = 5, amplitude: float = 800.0) -> np.ndarray:
+    """The phantom's volume with metal-like streaks radiating from the incisors: alternating
+    bright and dark bands (±``amplitude`` HU, decaying over ~60 mm) across ``n_slices``
+    axial slices at the mouth, added to the body only (as beam hardening does)."""
+    hu = p.hu.copy()
+    g = p.geometry
+    centre = g.patient_to_index(p.landmarks["stomion"] + np.array([0.0, 25.0, 0.0]))
+    r, c = np.mgrid[0 : hu.shape[1], 0 : hu.shape[2]]
+    ang = np.arctan2(r - centre[1], c - centre[2])
+    rad = np.hypot(r - centre[1], c - centre[2]) * g.spacing[1]
+    streak = (np.cos(24 * ang) * amplitude * np.exp(-rad / 60.0) * (rad > 5.0)).astype(np.float32)
+    k0 = round(centre[0])
+    for k in range(k0 - n_slices // 2, k0 + n_slices // 2 + 1):
+        hu[k] = np.where(hu[k] > -500.0, hu[k] + streak, hu[k])
+    return hu
