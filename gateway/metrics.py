@@ -68,9 +68,9 @@ class GatewayCollector(Collector):
             "defacegate_stage_seconds", "Wall time of each pipeline stage", labels=["stage"]
         )
         durations = self.trail.durations()
-        for stage in STAGES:
-            values = durations.get(stage, [])
-            latency.add_metric([stage], _buckets(values), sum(values))
+        for name in STAGES:
+            values = durations.get(name, [])
+            latency.add_metric([name], _buckets(values), sum(values))
         yield latency
 
 
