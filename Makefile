@@ -39,6 +39,8 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check gateway inference anonymizer tests bench
+	$(BIN)/mypy gateway inference anonymizer
 
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest
