@@ -193,11 +193,9 @@ def _check_arrived(pacs: Orthanc, sent: SentSeries, max_deliveries: int) -> None
     check_pixels(sent, hu)
 
 
-#: Largest fraction of intracranial voxels allowed to change. Should be 0; the anatomical
-#: engine's mask currently reaches a few hundred midline voxels of the anterior cranial fossa
-#: on this phantom (77–337 of 1.45 M measured, the offline pipeline alike), so the e2e check
-#: tolerates 0.05 % until the engine excludes the intracranial space.
-BRAIN_CHANGED_MAX = 5e-4
+#: Largest fraction of intracranial voxels allowed to change: none (the engine excludes the
+#: intracranial space; the pipeline changes exactly the masked voxels).
+BRAIN_CHANGED_MAX = 0.0
 
 #: Soft tissue of the ground-truth face within this many mm of these landmarks must be air.
 FEATURES_MM = {"nose_tip": 10.0, "stomion": 10.0, "pupil_right": 5.0, "pupil_left": 5.0}
