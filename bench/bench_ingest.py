@@ -14,6 +14,7 @@ alongside as the ceiling of any pynetdicom-based receiver.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import statistics
@@ -82,10 +83,20 @@ class BarePynetdicomSCP:
         self.server.shutdown()
 
 
-def timed_send(series: Path, port: int, aet: str) -> float:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (all its threads); None = this process."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_send(series: Path, port: int, aet: str, pid: int | None) -> tuple[float, float]:
+    """Wall seconds of the send and CPU seconds the receiver spent meanwhile."""
+    cpu = cpu_seconds(pid)
     start = time.perf_counter()
     storescu([series], port, aet)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds(pid) - cpu
 
 
 def main() -> int:
@@ -108,28 +119,32 @@ def main() -> int:
         n = args.slices
         mb = 0.0
         results: dict[str, list[float]] = {"storescp": [], "gateway": [], "pynetdicom": []}
+        cpu_ms: dict[str, list[float]] = {k: [] for k in results}
         bare = BarePynetdicomSCP(root / "bare")
         with (
             StoreSCP(root / "storescp") as scp,
             GatewayProcess(config) as gateway,
         ):
             scp.start()
+            assert scp.process is not None and gateway.process is not None
             targets = {
-                "storescp": (scp.port, scp.aet),
-                "gateway": (gateway.port, gateway.ae_title),
-                "pynetdicom": (bare.port, bare.aet),
+                "storescp": (scp.port, scp.aet, scp.process.pid),
+                "gateway": (gateway.port, gateway.ae_title, gateway.process.pid),
+                "pynetdicom": (bare.port, bare.aet, None),  # in this process
             }
             for r in range(args.rounds):
-                for target, (port, aet) in targets.items():
+                for target, (port, aet, pid) in targets.items():
                     series = root / f"series-{target}-{r}"
                     paths = write_series(series, n, args.matrix, seed=r)
                     mb = sum(p.stat().st_size for p in paths) / 1e6
-                    seconds = timed_send(series, port, aet)
+                    seconds, cpu = timed_send(series, port, aet, pid)
                     shutil.rmtree(series)
                     results[target].append(n / seconds)
+                    cpu_ms[target].append(1000 * cpu / n)
                     print(
-                        f"round {r + 1} {target:9s} {n} instances ({mb:.0f} MB) in "
-                        f"{seconds:6.2f} s = {n / seconds:6.1f} instances/s",
+                        f"round {r + 1} {target:10s} {n} instances ({mb:.0f} MB) in "
+                        f"{seconds:6.2f} s = {n / seconds:6.1f} instances/s, "
+                        f"receiver CPU {1000 * cpu / n:5.2f} ms/instance",
                         flush=True,
                     )
             gateway.check_alive()
@@ -144,7 +159,8 @@ def main() -> int:
             f"dcmtk storescp {dcmtk:.1f} instances/s, "
             f"ratio {ratio:.2f} (target ≥ 0.50) {'OK' if ratio >= 0.5 else 'BELOW TARGET'}; "
             f"bare pynetdicom SCP (no fsync, no state) {ceiling:.1f} instances/s = "
-            f"{ceiling / dcmtk:.2f} of dcmtk"
+            f"{ceiling / dcmtk:.2f} of dcmtk; receiver CPU ms/instance (median): "
+            + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in cpu_ms.items())
         )
     return 0
 
