@@ -14,11 +14,15 @@ Any other SOP class is not negotiated (presentation context rejected).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import select
 import socket
 import sqlite3
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -47,10 +51,11 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from gateway.config import GatewaySettings
 from gateway.keys import log_id, safe_uid
@@ -224,9 +229,124 @@ def handle_store(
     return Status.SUCCESS
 
 
+# Longest an idle association thread blocks before it re-checks timers, release and abort
+# (pynetdicom polls every 1 ms instead; this only bounds how late those checks run).
+IDLE_WAIT_S = 0.01
+
+
+class _WakeableSocket(AssociationSocket):
+    """pynetdicom's association socket, event-driven instead of polled.
+
+    pynetdicom's DUL thread loops "sleep 1 ms, send one queued PDU or read one PDU", and
+    the association thread "sleep 1 ms, look for a decoded message": every instance waits
+    out several of those sleeps (and each sleep is longer on a loaded host). Here
+    :attr:`ready` *blocks* in ``select`` on the connection and on a wake-up socket pair
+    that :func:`_event_driven` pokes whenever a PDU is queued for sending, so the DUL
+    reacts at once to either; the DUL's own sleep is set to 0 on this association only.
+    :meth:`recv` reads a whole PDU with ``recv_into`` rather than 4 KiB ``recv`` calls.
+    """
+
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # BlockingIOError (already woken) or closed
+            self._wake_w.send(b"\0")
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):  # BlockingIOError: drained
+            while self._wake_r.recv(4096):
+                pass
+
+    @property
+    def ready(self) -> bool:
+        if self.socket is None or self._is_connected is False:
+            time.sleep(0.001)  # as pynetdicom's loop would: no busy loop once closed
+            return False
+        if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
+            return True  # TLS may hold decrypted bytes select() cannot see (pynetdicom #528)
+        try:
+            readable, _, _ = select.select([self.socket, self._wake_r], [], [], IDLE_WAIT_S)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if self._wake_r in readable:
+            self._drain()
+        return self.socket in readable
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        data = bytearray(nr_bytes)
+        view = memoryview(data)
+        nr_read = 0
+        try:
+            while nr_read < nr_bytes:
+                got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+                if not got:  # connection broken: return what we have, as pynetdicom does
+                    break
+                nr_read += got
+        finally:
+            view.release()
+        del data[nr_read:]
+        return data
+
+    def close(self) -> None:
+        super().close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _event_driven(assoc: Association) -> None:
+    """Make one accepted association event-driven (see :class:`_WakeableSocket`).
+
+    Only this association's objects are changed (instance attributes), never pynetdicom's
+    module or class state, so other AEs in the process (the forwarder's SCU) are untouched.
+    """
+    cast(AssociationSocket, assoc.dul.socket).__class__ = _WakeableSocket  # same state
+    sock = cast(_WakeableSocket, assoc.dul.socket)
+    sock._wake_r, sock._wake_w = socket.socketpair()
+    sock._wake_r.setblocking(False)
+    sock._wake_w.setblocking(False)
+    dul = assoc.dul
+    dul._run_loop_delay = 0.0  # the wait happens in _WakeableSocket.ready
+    queue_pdu = dul.send_pdu
+
+    def send_pdu(primitive: Any) -> None:
+        queue_pdu(primitive)
+        sock.wake()
+
+    dul.send_pdu = send_pdu  # type: ignore[method-assign]
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+
+    def get_msg_waiting(block: bool = False) -> Any:
+        # The association reactor polls with block=False after a 1 ms sleep; wait on the
+        # queue instead so a decoded C-STORE is served the moment the DUL queues it.
+        if block:
+            return get_msg(block=True)
+        try:
+            return dimse.msg_queue.get(block=True, timeout=IDLE_WAIT_S)
+        except queue.Empty:
+            return None, None
+
+    dimse.get_msg = get_msg_waiting  # type: ignore[method-assign]
+
+
+class _EventDrivenHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        _event_driven(assoc)
+        return assoc
+
+
 class _NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY on accepted sockets: without it every small
-    PDU (the C-STORE response) waits for Linux's 40 ms delayed ACK."""
+    """pynetdicom's server with TCP_NODELAY on accepted sockets (without it every small
+    PDU, the C-STORE response, waits for Linux's 40 ms delayed ACK) and event-driven
+    associations (:func:`_event_driven`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", _EventDrivenHandler)
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
