@@ -332,10 +332,66 @@ def _event_driven(assoc: Association) -> None:
     dimse.get_msg = get_msg_waiting  # type: ignore[method-assign]
 
 
+class _EventDrivenAssociation(Association):
+    """An acceptor whose reactor loop does not sleep 1 ms per turn: its ``dimse.get_msg``
+    already waits (up to :data:`IDLE_WAIT_S`) for the next message (:func:`_event_driven`).
+
+    The loop is pynetdicom 3.0's ``Association._run_reactor`` without its leading
+    ``time.sleep(0.001)``; the same checks run in the same order.
+    """
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            # Pause point for the send_*() methods, as in pynetdicom.
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)  # waits ≤ IDLE_WAIT_S
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                log.debug("association released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log.debug("association aborted")
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.error("network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
 class _EventDrivenHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         _event_driven(assoc)
+        assoc.__class__ = _EventDrivenAssociation  # same state, loop without the sleep
         return assoc
 
 

@@ -3,9 +3,11 @@ and pynetdicom as SCU where a test needs the exact DIMSE status."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -332,3 +334,48 @@ def test_paused_ingest_refuses_associations_transiently(tmp_path: Path) -> None:
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         controls.resume()
         assert _echoscu(scp.port).returncode == 0
+
+
+def _thread_cpu_s(native_id: int | None) -> float:
+    assert native_id is not None
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_association_blocks_instead_of_polling_and_releases_promptly(
+    tmp_path: Path,
+) -> None:
+    """The accepted association waits on its socket/queues (no 1 ms polling loop), yet
+    still answers a release at once."""
+    with running_scp(tmp_path) as (scp, _, _):
+        assoc = _assoc(scp.port, [(Verification, [ExplicitVRLittleEndian])])
+        assert assoc.is_established
+        (server_side,) = scp.server.active_associations
+        threads = (server_side.native_id, server_side.dul.native_id)
+        before = sum(_thread_cpu_s(t) for t in threads)
+        time.sleep(1.0)
+        idle_cpu = sum(_thread_cpu_s(t) for t in threads) - before
+        # pynetdicom's own 1 ms polling costs ~0.03 s here, a busy loop ~1 s
+        assert idle_cpu < 0.025, f"idle association used {idle_cpu:.2f} s CPU in 1 s"
+        assert assoc.send_c_echo().Status == Status.SUCCESS
+        start = time.monotonic()
+        assoc.release()
+        assert assoc.is_released
+        server_side.join(timeout=5)
+        assert not server_side.is_alive() and time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 0])  # many PDUs per instance / one per instance
+def test_instances_larger_than_socket_reads_arrive_whole(tmp_path: Path, max_pdu: int) -> None:
+    datasets = _series(n=6, size=256)  # 128 KiB of pixels each: many recv() per PDU
+    paths = _write(datasets, tmp_path / "in")
+    with running_scp(tmp_path, max_pdu=max_pdu) as (scp, spool, store):
+        done = _run(
+            ["storescu", "-aet", "CT1", "-aec", AET, LOCALHOST, str(scp.port), *map(str, paths)]
+        )
+        assert done.returncode == 0, done.stderr
+        series_uid = datasets[0].SeriesInstanceUID
+        assert store.get(series_uid).instances == len(datasets)
+        for ds in datasets:
+            got = dcmread(spool.input_dir(series_uid) / f"{ds.SOPInstanceUID}.dcm")
+            assert got.PixelData == ds.PixelData
