@@ -8,7 +8,13 @@ alternately, on the same machine in the same run. Prints instances/s and the rat
 The gateway's quiet period is set far beyond the run so no defacing competes for the CPU:
 this measures receive + durable spool only. Each round sends a fresh series (new UIDs) so
 the gateway never takes the duplicate fast path. A bare in-process pynetdicom SCP is measured
-alongside as the ceiling of any pynetdicom-based receiver.
+alongside as the ceiling of any pynetdicom-based receiver. Before each send the page cache is
+written back (``os.sync``) so no receiver pays for the previous one's or the generator's I/O.
+
+Not like for like: storescp never fsyncs (dcmtk has no option for it) and gets 128 KiB PDUs
+(its ``--max-pdu``), the gateway 1 MiB and the bare SCP unlimited ones. The gateway's
+durable write (fdatasync + rename + directory fsync, two journal commits on ext4) is in the
+gateway's figure only; ``--no-fsync`` shows what the same gateway does without it.
 """
 
 from __future__ import annotations
@@ -137,6 +143,11 @@ def main() -> int:
                     series = root / f"series-{target}-{r}"
                     paths = write_series(series, n, args.matrix, seed=r)
                     mb = sum(p.stat().st_size for p in paths) / 1e6
+                    # Write back the series just generated and the previous receiver's
+                    # files first: otherwise ~300 MB of dirty pages are flushed during the
+                    # next send and queue ahead of the gateway's fdatasync on the same disk
+                    # (storescp, which never syncs, does not notice).
+                    os.sync()
                     seconds, cpu = timed_send(series, port, aet, pid)
                     shutil.rmtree(series)
                     results[target].append(n / seconds)
