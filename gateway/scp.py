@@ -290,8 +290,9 @@ class _WakeableSocket(AssociationSocket):
         del data[nr_read:]
         return data
 
-    def close(self) -> None:
-        super().close()
+    def close_wake(self) -> None:
+        """Close the wake-up pair; only once neither thread can use it (a send racing a
+        close could write into a reused descriptor)."""
         self._wake_r.close()
         self._wake_w.close()
 
@@ -341,6 +342,13 @@ class _EventDrivenAssociation(Association):
     """
 
     def _run_reactor(self) -> None:
+        try:
+            self._serve_until_done()
+        finally:
+            if not self.dul.is_alive():  # kill() joined the DUL: nobody uses the pair now
+                cast(_WakeableSocket, self.dul.socket).close_wake()
+
+    def _serve_until_done(self) -> None:
         self._is_paused = False
         while not self._kill:
             # Pause point for the send_*() methods, as in pynetdicom.

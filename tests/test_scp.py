@@ -363,6 +363,7 @@ def test_idle_association_blocks_instead_of_polling_and_releases_promptly(
         assert assoc.is_released
         server_side.join(timeout=5)
         assert not server_side.is_alive() and time.monotonic() - start < 1.0
+        assert server_side.dul.socket._wake_r.fileno() == -1  # wake-up pair closed
 
 
 @pytest.mark.parametrize("max_pdu", [16384, 0])  # many PDUs per instance / one per instance
