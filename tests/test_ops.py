@@ -79,7 +79,7 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Populated]:
             deid={"key": KEY},
             gateway={"spool_dir": root / "spool", "free_space_floor_mb": 0},
             destinations=[{"ae_title": "STORESCP", "host": LOCALHOST, "port": destination.port}],
-            forward={"retries": 0},
+            forward={"retries": 2, "backoff_base_s": 0.1, "backoff_cap_s": 0.1},
         )
         engines = {
             "done": AnatomicalEngine(),
@@ -105,7 +105,11 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Populated]:
                 outcome = run_deface(ctx, uid, 1, owner=f"test-{role}")
                 expected = Outcome.DEIDENTIFIED if role == "done" else Outcome.QUARANTINED
                 assert outcome is expected, role
-            forwarded = run_forward(ctx, series["done"], 1, owner="fwd")
+            # As the scheduler would: a transient failure (a loaded host) is retried.
+            for attempt in range(3):
+                forwarded = run_forward(ctx, series["done"], 1, owner=f"fwd{attempt}")
+                if forwarded is not Outcome.RETRY_LATER:
+                    break
             assert forwarded is Outcome.DONE, ctx.store.get(series["done"]).reason
         finally:
             records.removeHandler(handler)
