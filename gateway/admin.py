@@ -109,10 +109,10 @@ def create_app(ctx: AdminContext) -> FastAPI:
     app.state.admin = ctx
 
     def record(series_id: str) -> SeriesRecord:
-        for rec in ctx.store.find(*State):
-            if rec.log_id == series_id:
-                return rec
-        raise HTTPException(404, "unknown series")
+        try:
+            return operator.find(ctx.store, series_id)
+        except UnknownSeriesError:
+            raise HTTPException(404, "unknown series") from None
 
     def timings(rec: SeriesRecord) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -406,6 +406,27 @@ class StateStore:
             )
             return cur.rowcount == 1
 
+    def dead_letter(
+        self,
+        series_uid: str,
+        generation: int,
+        owner: str,
+        stage: Stage,
+        reason: str,
+        **fields: object,
+    ) -> bool:
+        """Move the series we own to the dead-letter state (``failed``) for ``stage``: files
+        are kept and ``defacegate retry`` re-queues it. False if superseded or taken over."""
+        return self.finish(
+            series_uid,
+            generation,
+            owner,
+            State.FAILED,
+            failed_stage=stage.value,
+            reason=reason,
+            **fields,
+        )
+
     def confirm(
         self,
         series_uid: str,

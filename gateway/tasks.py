@@ -26,8 +26,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
-
 from gateway.config import DefaceSettings, Settings
 from gateway.keys import log_id
 from gateway.spool import Spool
@@ -130,17 +128,6 @@ def deface_results(ctx: Context, paths: Sequence[Path]) -> list[Any]:
         raise exc.error from None
 
 
-def deface_datasets(ctx: Context, paths: Sequence[Path]) -> list[Dataset]:
-    """The defaced, de-identified instances of one spooled series (the audit must pass)."""
-    from inference.errors import FaceStillVisibleError
-
-    results = deface_results(ctx, paths)
-    for result in results:
-        if result.quarantined_by_audit:
-            raise FaceStillVisibleError(tuple(result.audit.decision.reasons), result.audit)
-    return [ds for result in results for ds in result.datasets]
-
-
 def write_audit(ctx: Context, series_uid: str, generation: int, outcome: Any) -> None:
     """Keep the audit report and renders with the series (admin API, quarantine review)."""
     from gateway.admin import audit_dir
@@ -214,13 +201,8 @@ def run_deface(ctx: Context, series_uid: str, generation: int, owner: str) -> Ou
             return Outcome.QUARANTINED
         except Exception as exc:
             log.debug("deface failure", exc_info=True)  # DEBUG only: messages may quote data
-            if not store.finish(
-                series_uid,
-                generation,
-                owner,
-                State.FAILED,
-                failed_stage=Stage.DEFACE.value,
-                reason=type(exc).__name__,
+            if not store.dead_letter(
+                series_uid, generation, owner, Stage.DEFACE, type(exc).__name__
             ):
                 return _superseded(ctx, series_uid, generation, written=False)
             log.error("series %s job %d: deface failed (%s)", lid, generation, type(exc).__name__)
@@ -320,14 +302,7 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
         if not files or not settings.destinations:
             reason = "no output files" if not files else "no destination configured"
             log.error("series %s job %d: cannot forward: %s", lid, generation, reason)
-            store.finish(
-                series_uid,
-                generation,
-                owner,
-                State.FAILED,
-                failed_stage=Stage.FORWARD.value,
-                reason=reason,
-            )
+            store.dead_letter(series_uid, generation, owner, Stage.FORWARD, reason)
             return Outcome.FAILED
         for destination in settings.destinations:
             key = destination_key(destination)
@@ -344,13 +319,12 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
                         key,
                         attempts,
                     )
-                    store.finish(
+                    store.dead_letter(
                         series_uid,
                         generation,
                         owner,
-                        State.FAILED,
-                        failed_stage=Stage.FORWARD.value,
-                        reason=f"transient: {exc}",
+                        Stage.FORWARD,
+                        f"transient: {exc}",
                         attempts=attempts,
                     )
                     return Outcome.FAILED
@@ -386,13 +360,12 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
             except PermanentForwardError as exc:
                 store.confirm(series_uid, generation, owner, key, exc.confirmed)
                 log.error("series %s job %d: %s: dead-letter", lid, generation, exc)
-                store.finish(
+                store.dead_letter(
                     series_uid,
                     generation,
                     owner,
-                    State.FAILED,
-                    failed_stage=Stage.FORWARD.value,
-                    reason=f"permanent: {exc}",
+                    Stage.FORWARD,
+                    f"permanent: {exc}",
                     attempts=record.attempts + 1,
                 )
                 return Outcome.FAILED
@@ -401,14 +374,7 @@ def run_forward(ctx: Context, series_uid: str, generation: int, owner: str) -> O
                     "series %s job %d: forward failed (%s)", lid, generation, type(exc).__name__
                 )
                 log.debug("forward failure", exc_info=True)
-                store.finish(
-                    series_uid,
-                    generation,
-                    owner,
-                    State.FAILED,
-                    failed_stage=Stage.FORWARD.value,
-                    reason=type(exc).__name__,
-                )
+                store.dead_letter(series_uid, generation, owner, Stage.FORWARD, type(exc).__name__)
                 return Outcome.FAILED
             store.confirm(series_uid, generation, owner, key, result.confirmed)
             ctx.trail.record(
