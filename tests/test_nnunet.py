@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import stat
 import zipfile
@@ -16,9 +17,12 @@ from gateway.cli import main as cli_main
 from gateway.config import load_settings
 from gateway.pipeline import engine_from_settings
 from inference.engines import FacemaskEngine
+from inference.engines.anatomical import AnatomicalEngine, face_region
 from inference.engines.nnunet import (
     NnUNetEngine,
     NnUNetOptions,
+    anatomical_roi,
+    facemask_region,
     physical_spacing,
     postprocess,
     reorientation,
@@ -32,6 +36,7 @@ from inference.models import (
     resolve_training_dir,
     validate_training_dir,
 )
+from inference.phantom import Phantom, PhantomOptions, generate_phantom
 from tests.support.nnunet_model import build_model_folder, synthetic_geometry, synthetic_head
 
 SHAPE = (40, 48, 48)  # 2x2x2 patches of 32^3 at 2 mm: small but a real sliding window
@@ -170,21 +175,52 @@ def test_roi_around_the_whole_head_is_kept_and_mask_stays_inside(
     assert mask.any() and not mask[~near].any()  # only the 2 mm dilation may leave the crop
 
 
-def test_fail_closed_when_the_face_cannot_be_localised(model_dir: Path) -> None:
-    hu, _ = synthetic_head(SHAPE, seed=3)
+def test_unlocalised_face_falls_back_to_the_full_volume(
+    model_dir: Path,
+    head: tuple[np.ndarray, np.ndarray, Geometry],
+    full_prediction: np.ndarray,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong ROI may cost time, never a face: no localisation → the whole volume."""
+    hu, _, geometry = head
 
     def no_face(hu: np.ndarray, geometry: Geometry) -> tuple[slice, slice, slice]:
         raise FacemaskError("landmarks not found")
 
     engine = NnUNetEngine(model_dir, roi_fn=no_face)
-    with pytest.raises(FacemaskError, match="landmarks"):
-        engine.mask(hu, synthetic_geometry(SHAPE))
+    with caplog.at_level(logging.WARNING, logger="inference.engines.nnunet"):
+        face, region = engine.predict_face(hu, geometry)
+    assert region is None
+    np.testing.assert_array_equal(face, full_prediction)
+    assert "landmarks not found" in caplog.text and "full volume" in caplog.text
+
+
+def test_default_roi_chain_on_a_volume_without_face_landmarks(
+    model_dir: Path, full_engine: NnUNetEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real anatomical engine and face_region both fail on this synthetic head (no
+    eyes): the default chain predicts the full volume (failing closed stays the network's
+    call: an empty prediction raises, see the post-processing test)."""
+    hu, _ = synthetic_head(SHAPE, seed=3)
+    geometry = synthetic_geometry(SHAPE)
+    engine = NnUNetEngine(model_dir)  # default ROI: anatomical facemask → face_region → all
+    with caplog.at_level(logging.WARNING, logger="inference.engines.nnunet"):
+        assert engine.region(hu, geometry) is None
+    assert "anatomical facemask failed" in caplog.text and "full volume" in caplog.text
+    face, region = engine.predict_face(hu, geometry)
+    assert region is None and face.any()
+    np.testing.assert_array_equal(face, full_engine.predict(hu, geometry))
 
 
 # -- orientation and spacing fed to nnU-Net ----------------------------------------------------
 
 
-def _geometry(rows_towards: str, slices_up: bool, spacing: tuple[float, float, float]) -> Geometry:
+def _geometry(
+    rows_towards: str,
+    slices_up: bool,
+    spacing: tuple[float, float, float],
+    shape: tuple[int, int, int] = (4, 5, 6),
+) -> Geometry:
     col_dir = [0.0, 1.0, 0.0] if rows_towards == "P" else [0.0, -1.0, 0.0]
     step = [0.0, 0.0, spacing[0] if slices_up else -spacing[0]]
     return Geometry.from_dicom(
@@ -192,7 +228,20 @@ def _geometry(rows_towards: str, slices_up: bool, spacing: tuple[float, float, f
         image_orientation=np.array([1.0, 0, 0, *col_dir]),
         pixel_spacing=(spacing[1], spacing[2]),
         slice_step=np.array(step),
-        shape=(4, 5, 6),
+        shape=shape,
+    )
+
+
+def _sagittal(
+    spacing: tuple[float, float, float], shape: tuple[int, int, int] = (4, 5, 6)
+) -> Geometry:
+    """Sagittal: slices go left, rows inferior, columns anterior."""
+    return Geometry.from_dicom(
+        image_position=np.zeros(3),
+        image_orientation=np.array([0, -1.0, 0, 0, 0, -1.0]),
+        pixel_spacing=(spacing[1], spacing[2]),
+        slice_step=np.array([spacing[0], 0, 0]),
+        shape=shape,
     )
 
 
@@ -208,13 +257,7 @@ def test_model_input_axis_order_and_spacing(full_engine: NnUNetEngine) -> None:
     image2, _ = full_engine.model_input(vol, _geometry("P", False, (3.0, 0.5, 0.7)))
     np.testing.assert_array_equal(image2[0], vol[::-1, ::-1, :])
     # sagittal: slices go left, rows inferior, columns anterior → transposed, rows flipped
-    sag = Geometry.from_dicom(
-        image_position=np.zeros(3),
-        image_orientation=np.array([0, -1.0, 0, 0, 0, -1.0]),
-        pixel_spacing=(0.5, 0.7),
-        slice_step=np.array([2.0, 0, 0]),
-        shape=(4, 5, 6),
-    )
+    sag = _sagittal((2.0, 0.5, 0.7))
     reo = reorientation(sag, "SAL")
     assert reo.perm == (1, 2, 0) and reo.flips == (True, False, False)
     image3, props3 = full_engine.model_input(vol, sag)
@@ -408,15 +451,110 @@ def _write(path: Path) -> Path:
     return path
 
 
-def test_default_roi_comes_from_the_anatomical_face_region(model_dir: Path) -> None:
-    from inference.engines.anatomical import face_region
-    from inference.phantom import PhantomOptions, generate_phantom
+@pytest.fixture(scope="module")
+def phantom() -> Phantom:
+    return generate_phantom(PhantomOptions(matrix=128, n_slices=100, slice_thickness=2.0))
 
-    ph = generate_phantom(PhantomOptions(matrix=128, n_slices=100, slice_thickness=2.0))
+
+def _voxels(region: tuple[slice, ...]) -> int:
+    return int(np.prod([s.stop - s.start for s in region]))
+
+
+def test_default_roi_comes_from_the_anatomical_facemask(model_dir: Path, phantom: Phantom) -> None:
+    hu, g = phantom.hu, phantom.geometry
     engine = NnUNetEngine(model_dir, NnUNetOptions(roi_margin_mm=10.0))
-    region = engine.region(ph.hu, ph.geometry)
-    inner = face_region(ph.hu, ph.geometry, margin_mm=10.0)
-    for r, i in zip(region, inner, strict=True):
-        assert r.start <= i.start and r.stop >= i.stop and r.stop - r.start >= 16
-    assert ph.facemask[region].sum() == ph.facemask.sum()  # the whole face is in the crop
-    assert np.prod([s.stop - s.start for s in region]) < ph.hu.size  # and it is a crop
+    region = engine.region(hu, g)
+    assert region is not None
+    # bounding box of the anatomical facemask + 10 mm, grown for free to the tile grid
+    box = facemask_region(AnatomicalEngine().mask(hu, g), physical_spacing(g), 10.0)
+    assert all(r.start <= b.start and r.stop >= b.stop for r, b in zip(region, box, strict=True))
+    shape = tuple(s.stop - s.start for s in region)
+    assert engine.tiles(shape, g) == engine.tiles(tuple(s.stop - s.start for s in box), g)
+    assert phantom.facemask[region].sum() == phantom.facemask.sum()  # the whole face is in
+    # tighter than the former default (landmark face_region + 15 mm, grown to one patch)
+    before = engine.fit_tile_grid(face_region(hu, g, margin_mm=15.0), g)
+    assert _voxels(region) < _voxels(before)
+    assert np.prod(engine.tiles(shape, g)) < np.prod(
+        engine.tiles(tuple(s.stop - s.start for s in before), g)
+    )
+
+
+class _FailingEngine:
+    name = "failing"
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        raise FacemaskError("stand-in anatomical engine failed")
+
+
+class _EmptyEngine:
+    name = "empty"
+
+    def mask(self, hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        return np.zeros(hu.shape, bool)
+
+
+def test_anatomical_roi_falls_back_to_the_landmark_face_region(phantom: Phantom) -> None:
+    hu, g = phantom.hu, phantom.geometry
+    landmark_box = face_region(hu, g, margin_mm=7.0)
+    assert anatomical_roi(hu, g, 7.0, engine=_FailingEngine()) == landmark_box
+    assert anatomical_roi(hu, g, 7.0, engine=_EmptyEngine()) == landmark_box
+    # and with a working engine it is the tighter facemask box
+    tight = anatomical_roi(hu, g, 7.0)
+    assert _voxels(tight) < 0.7 * _voxels(landmark_box)
+
+
+def test_facemask_region_is_the_bounding_box_plus_margin_in_mm() -> None:
+    mask = np.zeros((30, 40, 50), bool)
+    mask[10:12, 5:20, 30:49] = True
+    box = facemask_region(mask, np.array([2.0, 0.5, 1.0]), 3.0)
+    assert box == (slice(8, 14), slice(0, 26), slice(27, 50))  # 2, 6, 3 voxels; clipped
+    with pytest.raises(FacemaskError):
+        facemask_region(np.zeros_like(mask), np.ones(3), 3.0)
+
+
+def _nnunet_tiles(engine: NnUNetEngine, shape: tuple[int, ...], g: Geometry) -> int:
+    """Tiles as nnU-Net itself computes them for a crop of ``shape`` (our axes)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    image, props = engine.model_input(np.zeros(shape, np.float32), g)
+    model_shape = compute_new_shape(image.shape[1:], props["spacing"], engine.info.spacing)
+    padded = np.maximum(model_shape, engine.info.patch_size)
+    steps = compute_steps_for_sliding_window(
+        padded, engine.info.patch_size, engine.options.tile_step_size
+    )
+    return int(np.prod([len(s) for s in steps]))
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+def test_fit_tile_grid_grows_the_crop_for_free(full_engine: NnUNetEngine, orientation: str) -> None:
+    """Largest crop with the same tile count: ≥ the request, same tiles as nnU-Net counts
+    them, and one voxel more on any axis not at the volume border costs a tile."""
+    shape = (150, 170, 190)
+    # nnU-Net resamples both to the model's 2 mm; the sagittal one is also transposed
+    if orientation == "axial":
+        g = _geometry("P", True, (1.25, 0.7, 0.7), shape)
+    else:
+        g = _sagittal((1.5, 0.9, 1.1), shape)
+    for roi in [
+        (slice(40, 70), slice(30, 120), slice(10, 20)),
+        (slice(0, 149), slice(60, 61), slice(100, 190)),
+        (slice(5, 140), slice(0, 170), slice(50, 151)),
+    ]:
+        fitted = full_engine.fit_tile_grid(roi, g)
+        size = tuple(s.stop - s.start for s in fitted)
+        want = tuple(s.stop - s.start for s in roi)
+        assert all(
+            f.start <= r.start and f.stop >= r.stop for f, r in zip(fitted, roi, strict=True)
+        )
+        assert all(f.start >= 0 and f.stop <= n for f, n in zip(fitted, shape, strict=True))
+        assert full_engine.tiles(size, g) == full_engine.tiles(want, g)
+        n_tiles = int(np.prod(full_engine.tiles(size, g)))
+        assert n_tiles == _nnunet_tiles(full_engine, size, g) == _nnunet_tiles(full_engine, want, g)
+        grew = False
+        for axis in range(3):
+            grew |= size[axis] > want[axis]
+            if size[axis] < shape[axis]:
+                bigger = tuple(n + (a == axis) for a, n in enumerate(size))
+                assert _nnunet_tiles(full_engine, bigger, g) > n_tiles
+        assert grew

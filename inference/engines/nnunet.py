@@ -16,9 +16,11 @@ feed the DICOM (slice, row, column) array as it is. The volume is permuted/flipp
 nearest matching axes (no resampling; rotated heads stay rotated, as they were in training).
 
 ROI. On a CPU a sliding window over a whole 512×512×300 CTA is dominated by the number of
-patches, so the network runs only on the face region from the anatomical engine's landmarks
-(``face_region``) plus a margin, grown to at least one patch, and the prediction is pasted
-back into an all-background volume. ``roi=False`` predicts the full volume.
+patches, so the network runs only on a crop around the face and the prediction is pasted back
+into an all-background volume (``roi=False`` predicts the full volume). The crop is the
+bounding box of the anatomical engine's facemask plus ``roi_margin_mm`` (its landmark
+``face_region`` when that engine fails, the full volume when both do), then grown to the
+largest size that needs the same number of sliding-window tiles: context at no extra tiles.
 
 Post-processing: the largest connected component of the face label, then a small dilation
 that may only grow into air, so the mask never eats more tissue than the network said.
@@ -27,6 +29,7 @@ that may only grow into air, so the mask never eats more tissue than the network
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import logging
@@ -39,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
+from inference.engines import FacemaskEngine
 from inference.errors import FacemaskError, ModelError
 from inference.geometry import Geometry
 from inference.models import CHECKPOINT_NAME, ModelInfo, resolve_training_dir, validate_training_dir
@@ -64,7 +68,9 @@ class NnUNetOptions:
     """How the engine runs the model; defaults suit a CPU worker and CTA-DEFACE."""
 
     roi: bool = True
-    roi_margin_mm: float = 15.0
+    #: Margin around the anatomical facemask's bounding box, mm (before the free growth to
+    #: the tile grid, which usually adds more).
+    roi_margin_mm: float = 10.0
     #: When the prediction reaches a side of the crop (that is not the volume border) the
     #: face may continue outside: grow that side by ``roi_grow_mm`` and predict again, at
     #: most ``roi_grow_rounds`` times, then fall back to the full volume. A wrong ROI costs
@@ -171,8 +177,8 @@ class NnUNetEngine:
     ) -> None:
         """Validate and load the model folder (training, dataset or results folder).
 
-        ``roi_fn`` localises the face for ROI mode; by default the anatomical engine's
-        ``face_region`` with ``options.roi_margin_mm``.
+        ``roi_fn`` localises the face for ROI mode (a FacemaskError from it means: predict
+        the full volume); by default ``anatomical_roi`` with ``options.roi_margin_mm``.
         """
         self.options = options or NnUNetOptions()
         opts = self.options
@@ -255,11 +261,16 @@ class NnUNetEngine:
     def predict_face(self, hu: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Region | None]:
         """Raw face prediction and the crop it came from (None: the full volume).
 
-        In ROI mode the crop grows while the prediction touches one of its inner sides.
+        In ROI mode the crop grows while the prediction touches one of its inner sides. A
+        growth round predicts the whole grown crop again: the sliding-window tiles move with
+        the crop, so the previous logits cannot be reused exactly, and with a crop around the
+        anatomical facemask a round is the exception.
         """
         if not self.options.roi:
             return self.predict(hu, geometry), None
         region = self.region(hu, geometry)
+        if region is None:
+            return self.predict(hu, geometry), None
         spacing = physical_spacing(geometry)
         for _ in range(self.options.roi_grow_rounds + 1):
             face = self.predict(hu, geometry, region)
@@ -267,19 +278,56 @@ class NnUNetEngine:
             if not sides:
                 return face, region
             log.info("face prediction reaches crop sides %s: growing the crop", sides)
-            region = _grow(region, sides, self.options.roi_grow_mm / spacing, hu.shape)
+            grown = _grow(region, sides, self.options.roi_grow_mm / spacing, hu.shape)
+            region = self.fit_tile_grid(grown, geometry)
         log.warning("face still reaches the crop border: predicting the full volume")
         return self.predict(hu, geometry), None
 
-    def region(self, hu: np.ndarray, geometry: Geometry) -> Region:
-        """The crop the network runs on: the face region grown to at least one patch."""
-        if self._roi_fn is not None:
-            roi = self._roi_fn(hu, geometry)
-        else:
-            from inference.engines.anatomical import face_region
+    def region(self, hu: np.ndarray, geometry: Geometry) -> Region | None:
+        """The crop the network runs on, fitted to the tile grid (``fit_tile_grid``).
 
-            roi = face_region(hu, geometry, margin_mm=self.options.roi_margin_mm)
-        return self._grow_to_patch(roi, geometry)
+        None when the face cannot be localised: the full volume is predicted then, because a
+        wrong ROI may cost time but never a face left in place.
+        """
+        localise = self._roi_fn or functools.partial(
+            anatomical_roi, margin_mm=self.options.roi_margin_mm
+        )
+        try:
+            roi = localise(hu, geometry)
+        except FacemaskError as exc:
+            log.warning("ROI: face not localised (%s): predicting the full volume", exc)
+            return None
+        return self.fit_tile_grid(roi, geometry)
+
+    def tiles(self, shape: tuple[int, ...], geometry: Geometry) -> tuple[int, int, int]:
+        """Sliding-window tiles nnU-Net runs per axis of ours on a crop of ``shape``."""
+        step = self.options.tile_step_size
+        t = [
+            _tiles(_model_size(n, scale), patch, step)
+            for n, (scale, patch) in zip(shape, self._axis_grid(geometry), strict=True)
+        ]
+        return t[0], t[1], t[2]
+
+    def fit_tile_grid(self, roi: Region, geometry: Geometry) -> Region:
+        """Grow ``roi`` (centred, inside the volume) to the largest size that needs the same
+        number of sliding-window tiles along each axis: extra context at no extra network
+        passes. This also grows it to at least one patch."""
+        step = self.options.tile_step_size
+        out = []
+        for axis, (sl, (scale, patch)) in enumerate(
+            zip(roi, self._axis_grid(geometry), strict=True)
+        ):
+            size = geometry.shape[axis]
+            start, stop, _ = sl.indices(size)
+            if stop <= start:
+                raise FacemaskError("face region is empty")
+            want = min(size, _largest_same_tiles(stop - start, scale, patch, step))
+            extra = want - (stop - start)
+            start = max(0, start - extra // 2)
+            stop = min(size, start + want)
+            start = max(0, stop - want)
+            out.append(slice(start, stop))
+        return out[0], out[1], out[2]
 
     def predict(
         self, hu: np.ndarray, geometry: Geometry, region: Region | None = None
@@ -294,14 +342,20 @@ class NnUNetEngine:
         if min(crop.shape) < 1:
             raise FacemaskError("face region is empty")
         image, properties = self.model_input(crop, geometry)
-        seg = self._predictor.predict_single_npy_array(image, properties, None, None, False)
+        seg = self.run_network(image, properties)
         reo = reorientation(geometry, self.options.axes)
-        face_crop = reo.backward(np.asarray(seg) == self.info.face_label)
+        face_crop = reo.backward(seg == self.info.face_label)
         if region is None:
             return np.ascontiguousarray(face_crop)
         out = np.zeros(hu.shape, dtype=bool)
         out[region] = face_crop
         return out
+
+    def run_network(self, image: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+        """Label array of ``image``'s grid via nnU-Net's in-process path: preprocessing,
+        sliding window, export (a seam for the benchmark, which times the three apart)."""
+        seg = self._predictor.predict_single_npy_array(image, properties, None, None, False)
+        return np.asarray(seg)
 
     def model_input(
         self, crop: np.ndarray, geometry: Geometry
@@ -315,31 +369,80 @@ class NnUNetEngine:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _grow_to_patch(self, roi: Region, geometry: Geometry) -> Region:
-        """Grow the crop (centred, inside the volume) to span at least one network patch."""
+    def _axis_grid(self, geometry: Geometry) -> list[tuple[float, int]]:
+        """Per axis of ours: (model voxels per voxel of ours, patch size in model voxels).
+
+        Undoes the reorientation and nnU-Net's ``transpose_forward``: patch and target
+        spacing are stored in the transposed order.
+        """
         reo = reorientation(geometry, self.options.axes)
         spacing = physical_spacing(geometry)
-        # The model's patch in mm, per model axis; map it to our axes.
-        patch_mm = np.array(self.info.patch_size, float) * np.array(self.info.spacing, float)
-        # nnU-Net applies transpose_forward to the array it gets: undo it for the lookup.
-        patch_mm_model = np.empty(3)
-        patch_mm_model[list(self.info.transpose_forward)] = patch_mm
-        need = np.empty(3)
+        tf = list(self.info.transpose_forward)
+        patch, target = np.empty(3, int), np.empty(3)
+        patch[tf] = self.info.patch_size
+        target[tf] = self.info.spacing
+        grid: list[tuple[float, int]] = [(1.0, 1)] * 3
         for model_axis, our_axis in enumerate(reo.perm):
-            need[our_axis] = np.ceil(patch_mm_model[model_axis] / spacing[our_axis])
-        out = []
-        for axis, sl in enumerate(roi):
-            size = geometry.shape[axis]
-            start, stop, _ = sl.indices(size)
-            if stop <= start:
-                raise FacemaskError("face region is empty")
-            want = int(min(size, max(stop - start, need[axis])))
-            extra = want - (stop - start)
-            start = max(0, start - extra // 2)
-            stop = min(size, start + want)
-            start = max(0, stop - want)
-            out.append(slice(start, stop))
-        return out[0], out[1], out[2]
+            scale = float(spacing[our_axis]) / float(target[model_axis])
+            grid[our_axis] = (scale, int(patch[model_axis]))
+        return grid
+
+
+def _model_size(n: int, scale: float) -> int:
+    """Voxels after nnU-Net's resampling (``compute_new_shape``: round(old / new · n))."""
+    return round(scale * n)
+
+
+def _tiles(size: int, patch: int, step: float) -> int:
+    """Tiles along one axis (nnU-Net's ``compute_steps_for_sliding_window``; smaller
+    inputs are padded to one patch)."""
+    if size <= patch:
+        return 1
+    return int(np.ceil((size - patch) / (patch * step))) + 1
+
+
+def _largest_same_tiles(n: int, scale: float, patch: int, step: float) -> int:
+    """Largest crop size (voxels of ours) ≥ ``n`` with no more tiles than ``n`` needs: in
+    model voxels patch + (tiles − 1) · patch · step."""
+    tiles = _tiles(_model_size(n, scale), patch, step)
+    best = int(np.floor((patch + (tiles - 1) * patch * step + 0.5) / scale)) + 1
+    while best > n and _tiles(_model_size(best, scale), patch, step) > tiles:
+        best -= 1
+    return max(best, n)
+
+
+def facemask_region(mask: np.ndarray, spacing: np.ndarray, margin_mm: float) -> Region:
+    """Bounding box of ``mask`` plus ``margin_mm`` per side, clipped to the volume."""
+    if not mask.any():
+        raise FacemaskError("the anatomical facemask is empty")
+    pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
+    out = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        start = max(0, int(hit[0]) - int(pad[axis]))
+        stop = min(mask.shape[axis], int(hit[-1]) + 1 + int(pad[axis]))
+        out.append(slice(start, stop))
+    return out[0], out[1], out[2]
+
+
+def anatomical_roi(
+    hu: np.ndarray,
+    geometry: Geometry,
+    margin_mm: float = 10.0,
+    engine: FacemaskEngine | None = None,
+) -> Region:
+    """Where the face is, for the crop: the anatomical engine's facemask bounding box plus
+    ``margin_mm`` (tight: ~15 % of a head-and-neck volume); when that engine fails, its
+    landmark ``face_region`` (a generous box, ~40 %). FacemaskError when neither finds the
+    face. ``engine`` replaces the default anatomical engine (tests)."""
+    from inference.engines.anatomical import AnatomicalEngine, face_region
+
+    try:
+        mask = (engine or AnatomicalEngine()).mask(hu, geometry)
+        return facemask_region(mask, physical_spacing(geometry), margin_mm)
+    except FacemaskError as exc:
+        log.warning("ROI: anatomical facemask failed (%s): using the landmark face region", exc)
+    return face_region(hu, geometry, margin_mm=margin_mm)
 
 
 def touching_sides(
