@@ -118,7 +118,7 @@ def split_line(label: str, stages: dict[str, tuple[float, float]]) -> str:
     wall = sum(w for w, _ in stages.values())
     cpu = sum(c for _, c in stages.values())
     parts = ", ".join(
-        f"{k} {stages[k][0]:.1f} s ({stages[k][1] / max(cpu, 1e-9):.0%} CPU)" for k in stages
+        f"{k} {stages[k][0]:.1f} s ({stages[k][1] / max(cpu, 1e-9):.1%} of CPU)" for k in stages
     )
     return f"{label}: {parts} = {wall:.1f} s wall, {cpu:.1f} s CPU"
 
