@@ -69,6 +69,7 @@ from gateway.keys import log_id, safe_uid
 from gateway.spool import Spool, SpoolFullError, StoreOutcome
 from gateway.state import Kind, StateStore
 from gateway.statuses import Status
+from gateway.store_lane import StoreLane
 from gateway.trail import AuditTrail
 from gateway.wire import c_store_rsp_command, identity, part10_header
 
@@ -346,6 +347,12 @@ def _event_driven(assoc: Association) -> None:
 
     dimse.get_msg = get_msg_waiting  # type: ignore[method-assign]
     _lean(assoc)
+    if not any(assoc.get_handlers(e) for e in _LANE_BYPASSES):
+        StoreLane(assoc).install()
+
+
+#: Notifications the C-STORE lane does not raise: with a subscriber, pynetdicom's path is kept.
+_LANE_BYPASSES = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV, evt.EVT_FSM_TRANSITION)
 
 
 #: pynetdicom's logging handlers, bound to every association: they format every PDU and

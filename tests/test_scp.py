@@ -380,3 +380,90 @@ def test_instances_larger_than_socket_reads_arrive_whole(tmp_path: Path, max_pdu
         for ds in datasets:
             got = dcmread(spool.input_dir(series_uid) / f"{ds.SOPInstanceUID}.dcm")
             assert got.PixelData == ds.PixelData
+
+
+@pytest.fixture
+def pynetdicom_store_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Spy on pynetdicom's own C-STORE service: which SOP instances went through it."""
+    from pynetdicom.service_class import StorageServiceClass
+
+    calls: list[str] = []
+    original = StorageServiceClass.SCP
+
+    def spy(self: StorageServiceClass, req: Any, context: Any) -> None:
+        calls.append(str(req.AffectedSOPInstanceUID))
+        original(self, req, context)
+
+    monkeypatch.setattr(StorageServiceClass, "SCP", spy)
+    return calls
+
+
+def test_store_lane_serves_plain_stores_and_leaves_the_rest_to_pynetdicom(
+    tmp_path: Path, pynetdicom_store_calls: list[str]
+) -> None:
+    datasets = _series(n=3, size=64)
+    paths = _write(datasets, tmp_path / "in")
+    deflated = tmp_path / "deflated.dcm"
+    (extra,) = _series(n=1, size=64)
+    _to_syntax(_write([extra], tmp_path / "plain")[0], deflated, DeflatedExplicitVRLittleEndian)
+    with running_scp(tmp_path) as (scp, spool, store):
+        done = _run(["storescu", "-aec", AET, LOCALHOST, str(scp.port), *map(str, paths)])
+        assert done.returncode == 0, done.stderr
+        assert pynetdicom_store_calls == []  # every plain store took the lane
+        # Deflate is inflated by pynetdicom: that store goes its way, and succeeds.
+        propose = PROPOSE[DeflatedExplicitVRLittleEndian]
+        done = _run(["storescu", "-aec", AET, propose, LOCALHOST, str(scp.port), str(deflated)])
+        assert done.returncode == 0, done.stderr
+        assert pynetdicom_store_calls == [extra.SOPInstanceUID]
+        # Echo, store, echo, error store, store on one association: lane and pynetdicom
+        # take turns without losing a message.
+        more = _series(n=2, size=64)
+        for ds in more:
+            ds.SeriesInstanceUID = datasets[0].SeriesInstanceUID
+        broken = _series(n=1, size=64)[0]
+        broken.SOPInstanceUID = generate_uid()
+        del broken.SeriesInstanceUID  # → 0xA900 from the gateway's handler, via the lane
+        assoc = _assoc(
+            scp.port,
+            [(Verification, [ExplicitVRLittleEndian]), (CTImageStorage, [ExplicitVRLittleEndian])],
+        )
+        try:
+            assert assoc.send_c_echo().Status == 0
+            assert assoc.send_c_store(more[0]).Status == Status.SUCCESS
+            assert assoc.send_c_echo().Status == 0
+            assert assoc.send_c_store(broken).Status == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            assert assoc.send_c_store(more[1]).Status == Status.SUCCESS
+        finally:
+            assoc.release()
+        assert pynetdicom_store_calls == [extra.SOPInstanceUID]
+        series_uid = datasets[0].SeriesInstanceUID
+        assert store.get(series_uid).instances == 5
+        for ds in [*datasets, *more]:
+            got = dcmread(spool.input_dir(series_uid) / f"{ds.SOPInstanceUID}.dcm")
+            assert got.PixelData == ds.PixelData
+
+
+def test_store_lane_steps_aside_when_pynetdicom_logs_at_debug(
+    tmp_path: Path, pynetdicom_store_calls: list[str]
+) -> None:
+    import logging
+
+    (ds,) = _series(n=1, size=32)
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # its standard handlers stay bound: they see every PDU
+    try:
+        with running_scp(tmp_path) as (scp, spool, _):
+            assert _store_status(scp.port, ds) == Status.SUCCESS
+    finally:
+        logger.setLevel(level)
+    assert pynetdicom_store_calls == [ds.SOPInstanceUID]
+    assert len(spool.instance_paths(ds.SeriesInstanceUID)) == 1
+
+
+def test_malloc_tuning_applies_on_glibc() -> None:
+    import platform
+
+    from gateway.malloc import tune_for_ingest
+
+    assert tune_for_ingest() is (platform.libc_ver()[0] == "glibc")

@@ -28,6 +28,7 @@ def check(settings: Settings) -> str | None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.malloc import tune_for_ingest
     from gateway.service import Gateway
 
     if args.port is not None:
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     # pynetdicom logs UIDs and identifiers at INFO/DEBUG: keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    tune_for_ingest()  # per-instance buffers stay in the heap (gateway/malloc.py)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

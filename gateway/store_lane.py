@@ -1,0 +1,273 @@
+"""The C-STORE lane: plain C-STORE requests handled in the association's DUL thread.
+
+Why: per 512 KiB instance pynetdicom spends ≈ 1 ms of Python on six P-DATA PDUs (PDU objects,
+state-machine events, DIMSE reassembly with copies), on decoding the command set into a
+validated primitive and on handing the message to the association thread and the response
+back. That was the gateway's ingest limit (bench/bench_ingest.py). Here the P-DATA-TF PDUs of
+an accepted association in data transfer (Sta6) are split into their PDVs without copying;
+when a message is complete and it is a C-STORE-RQ on an accepted, non-deflated context, the
+gateway's own EVT_C_STORE handler is called right here with a real pynetdicom ``Event`` and
+the response PDU is written to the socket. Everything else — C-ECHO, a deflated context, an
+unknown context, a malformed command set, any release/abort PDU, or a message pynetdicom has
+already started — goes through pynetdicom unchanged: the PDVs collected so far are handed to
+``DIMSEServiceProvider.receive_primitive`` exactly as pynetdicom's DT-2 action would have.
+
+Bound to pynetdicom 3.0's DUL internals (``_read_pdu_data``, ``_decode_pdu``, ``_recv_pdu``,
+``event_queue``, ``Association._accepted_cx``), as gateway.scp already is; the dependency is
+pinned ``>=3.0.4,<3.1`` and tests/test_scp.py proves the lane carries the stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from io import BytesIO
+from typing import TYPE_CHECKING, Any, cast
+
+from pydicom.uid import UID
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA
+
+from gateway.wire import c_store_rsp_command
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+
+log = logging.getLogger(__name__)
+
+P_DATA_TF = 0x04
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+C_STORE_RQ = 0x0001
+NO_DATA_SET = 0x0101
+#: pynetdicom's status when an EVT_C_STORE handler raises (service_class.StorageServiceClass).
+HANDLER_FAILED = 0xC211
+
+_CMD_FIELDS = {
+    0x00000002: "AffectedSOPClassUID",
+    0x00000100: "CommandField",
+    0x00000110: "MessageID",
+    0x00000700: "Priority",
+    0x00000800: "CommandDataSetType",
+    0x00001000: "AffectedSOPInstanceUID",
+    0x00001030: "MoveOriginatorApplicationEntityTitle",
+    0x00001031: "MoveOriginatorMessageID",
+}
+_US_FIELDS = frozenset({"CommandField", "MessageID", "Priority", "CommandDataSetType"})
+_US_FIELDS |= {"MoveOriginatorMessageID"}
+
+
+def parse_command(raw: bytes) -> dict[str, Any]:
+    """The fields of an Implicit VR Little Endian command set this lane needs.
+
+    Raises ValueError on a malformed set (the caller then lets pynetdicom decide)."""
+    out: dict[str, Any] = {}
+    view, offset = memoryview(raw), 0
+    while offset < len(raw):
+        if offset + 8 > len(raw):
+            raise ValueError("truncated command element")
+        group, element, length = struct.unpack_from("<HHI", view, offset)
+        offset += 8
+        value = bytes(view[offset : offset + length])
+        if len(value) != length:
+            raise ValueError("truncated command value")
+        offset += length
+        name = _CMD_FIELDS.get((group << 16) | element)
+        if name in _US_FIELDS:
+            if length != 2:
+                raise ValueError(f"{name} is not a US")
+            out[name] = struct.unpack("<H", value)[0]
+        elif name is not None:
+            out[name] = value.rstrip(b"\x00 ").decode("ascii")
+    return out
+
+
+def response_pdu(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU with one PDV: the last (only) fragment of a command (PS3.8 9.3.5)."""
+    item = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBI", P_DATA_TF, 0, len(item)) + item
+
+
+class StoreLane:
+    """Per association: reassemble P-DATA PDVs and serve plain C-STOREs in the DUL thread."""
+
+    def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
+        self.dul: DULServiceProvider = assoc.dul
+        self.handled = 0  # C-STOREs served by the lane (tests, diagnosis)
+        self._reset()
+
+    def install(self) -> None:
+        """Route this association's PDU reads through :meth:`read_pdu`."""
+        self.dul._read_pdu_data = self.read_pdu  # type: ignore[method-assign]
+
+    def _reset(self) -> None:
+        self._pdvs: list[tuple[int, memoryview]] = []
+        self._command: list[memoryview] = []
+        self._data: list[memoryview] = []
+        self._fields: dict[str, Any] | None = None
+
+    # -- the DUL's read, with the lane for P-DATA-TF -----------------------------------------
+    def read_pdu(self) -> None:
+        """pynetdicom 3.0's ``DULServiceProvider._read_pdu_data`` (same events on errors),
+        except that P-DATA-TF PDUs in Sta6 go to :meth:`feed`."""
+        dul = self.dul
+        sock = cast(Any, dul.socket)
+        try:
+            header = sock.recv(6)
+            if len(header) < 6:
+                raise ConnectionError("short PDU header")
+            pdu_type, _, length = struct.unpack(">BBL", header)
+        except (OSError, TimeoutError, ConnectionError, struct.error):
+            dul.event_queue.put("Evt17")  # transport connection closed
+            return
+        if pdu_type not in _PDU_TYPES:
+            log.error("unknown PDU type received 0x%02X", pdu_type)
+            dul.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            dul.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            log.error("received PDU shorter than its length (%d of %d)", len(body), length)
+            dul.event_queue.put("Evt17")
+            return
+        if (
+            pdu_type == P_DATA_TF
+            and dul.state_machine.current_state == "Sta6"
+            and self.assoc.is_established
+        ):
+            self.feed(body)
+            return
+        try:
+            pdu, event = dul._decode_pdu(header + body)
+        except Exception:
+            log.exception("unable to decode the received PDU")
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(pdu)
+
+    # -- reassembly ----------------------------------------------------------------------------
+    def feed(self, body: bytearray) -> None:
+        """The PDVs of one P-DATA-TF PDU (views into ``body``, not copies)."""
+        view = memoryview(body)
+        pdvs: list[tuple[int, memoryview]] = []
+        offset = 0
+        while offset < len(body):
+            if offset + 6 > len(body):
+                self._invalid()
+                return
+            item_length, context_id = struct.unpack_from(">IB", view, offset)
+            end = offset + 4 + item_length
+            if item_length < 2 or end > len(body):
+                self._invalid()
+                return
+            pdvs.append((context_id, view[offset + 5 : end]))
+            offset = end
+        if self.assoc.dimse.message is not None:  # pynetdicom owns the current message
+            self._to_pynetdicom(pdvs)
+            return
+        for i, (context_id, pdv) in enumerate(pdvs):
+            self._pdvs.append((context_id, pdv))
+            control = pdv[0]
+            if control & 1:  # a command fragment
+                self._command.append(pdv[1:])
+                if control & 2 and not self._command_complete():
+                    self._hand_over(pdvs[i + 1 :])  # C-ECHO, deflated, malformed, ...
+                    return
+                continue
+            if self._fields is None or context_id != self._fields["context_id"]:
+                self._hand_over(pdvs[i + 1 :])  # data out of place: pynetdicom's call
+                return
+            self._data.append(pdv[1:])
+            if control & 2:  # last data fragment: the message is complete
+                self._serve()
+                self._to_pynetdicom(pdvs[i + 1 :])  # anything after it in this PDU (rare)
+                return
+
+    def _command_complete(self) -> bool:
+        """Parse the command; False when the lane will not serve this message."""
+        try:
+            fields = parse_command(b"".join(self._command))
+        except (ValueError, UnicodeDecodeError):
+            return False
+        context_ids = {cid for cid, _ in self._pdvs}
+        context_id = next(iter(context_ids))
+        if (
+            fields.get("CommandField") != C_STORE_RQ
+            or fields.get("CommandDataSetType") == NO_DATA_SET
+            or len(context_ids) != 1
+            or not self._servable(context_id)
+            or not fields.get("AffectedSOPClassUID")
+            or not fields.get("AffectedSOPInstanceUID")
+            or "MessageID" not in fields
+        ):
+            return False
+        self._fields = {**fields, "context_id": context_id}
+        return True
+
+    def _servable(self, context_id: int) -> bool:
+        assoc = self.assoc
+        context = assoc._accepted_cx.get(context_id)
+        if context is None or getattr(assoc, "_sent_release", False):
+            return False
+        return not UID(context.transfer_syntax[0]).is_deflated
+
+    def _hand_over(self, rest: list[tuple[int, memoryview]]) -> None:
+        """Give everything collected (and the rest of this PDU) to pynetdicom's DIMSE."""
+        pdvs = self._pdvs + rest
+        self._reset()
+        self._to_pynetdicom(pdvs)
+
+    def _to_pynetdicom(self, pdvs: list[tuple[int, memoryview]]) -> None:
+        if not pdvs:
+            return
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [[cid, bytes(pdv)] for cid, pdv in pdvs]  # type: ignore[misc]
+        self.assoc.dimse.receive_primitive(primitive)  # what pynetdicom's DT-2 does
+
+    def _invalid(self) -> None:
+        log.error("malformed P-DATA-TF PDU received")
+        self._reset()
+        self.dul.event_queue.put("Evt19")  # invalid PDU: pynetdicom aborts
+
+    # -- serving -------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        fields = cast(dict[str, Any], self._fields)
+        context_id = int(fields["context_id"])
+        data = b"".join(self._data)
+        self._reset()
+        assoc = self.assoc
+        request = C_STORE()
+        request.MessageID = fields["MessageID"]
+        request.AffectedSOPClassUID = fields["AffectedSOPClassUID"]
+        request.AffectedSOPInstanceUID = fields["AffectedSOPInstanceUID"]
+        request.Priority = fields.get("Priority", 0)
+        if fields.get("MoveOriginatorApplicationEntityTitle"):
+            request.MoveOriginatorApplicationEntityTitle = fields[
+                "MoveOriginatorApplicationEntityTitle"
+            ]
+        if "MoveOriginatorMessageID" in fields:
+            request.MoveOriginatorMessageID = fields["MoveOriginatorMessageID"]
+        request.DataSet = BytesIO(data)
+        context = assoc._accepted_cx[context_id]
+        event = Event(assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        handler, args = cast(tuple[Any, list[Any]], assoc.get_handlers(evt.EVT_C_STORE))
+        try:
+            status = int(handler(event, *(args or [])))
+        except Exception:  # as pynetdicom: the peer gets 0xC211, the association goes on
+            log.exception("exception in the EVT_C_STORE handler")
+            status = HANDLER_FAILED
+        command = c_store_rsp_command(
+            fields["MessageID"],
+            fields["AffectedSOPClassUID"],
+            fields["AffectedSOPInstanceUID"],
+            status,
+        )
+        cast(Any, self.dul.socket).send(response_pdu(context_id, command))
+        self.handled += 1
