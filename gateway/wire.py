@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
-from typing import cast
 
-from pydicom.dataelem import RawDataElement
-from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -88,47 +85,118 @@ def c_store_rsp_command(
     return _implicit(0x0000, 0x0000, struct.pack("<I", len(body))) + body
 
 
-#: Elements longer than this are skipped over, not copied (Pixel Data).
-_DEFER_BYTES = 4096
-
-
 class TruncatedDatasetError(Exception):
     """An element's declared length runs past the end of the received bytes (undecodable,
     not a UID problem: the SCP answers 0xC000)."""
 
 
 _SERIES_UID, _SOP_UID, _SOP_CLASS_UID = 0x0020000E, 0x00080018, 0x00080016
+_WANTED = frozenset({_SERIES_UID, _SOP_UID, _SOP_CLASS_UID})
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_MAX_DEPTH = 32
+_ELEMENT = struct.Struct("<HHI")  # implicit VR: tag, 32-bit length
+_EXPLICIT = struct.Struct("<HH2sH")  # explicit VR: tag, VR, 16-bit length
+_LONG = struct.Struct("<I")
+
+
+class _Walker:
+    """Element headers of a Little Endian dataset (PS3.5 7.1, 7.5): values are skipped, not
+    read, so a 512 KiB instance costs what its ~100 headers cost. Nested sequences, items
+    and encapsulated Pixel Data are followed to their delimiters; UN of undefined length is
+    read as Implicit VR (PS3.5 6.2.2)."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.found: dict[int, bytes] = {}
+
+    def _need(self, pos: int, n: int) -> None:
+        if pos + n > len(self.buf):
+            raise TruncatedDatasetError("an element runs past the end of the dataset")
+
+    def elements(self, pos: int, end: int, implicit: bool, depth: int) -> int:
+        """Walk elements from ``pos`` to ``end`` or, inside an undefined-length item, to its
+        delimiter; returns the position after them."""
+        if depth > _MAX_DEPTH:
+            raise TruncatedDatasetError("sequences nested too deep")
+        buf = self.buf
+        while pos < end:
+            self._need(pos, 8)
+            group, element, length = _ELEMENT.unpack_from(buf, pos)
+            tag = (group << 16) | element
+            if tag == _ITEM_END:
+                if depth == 0:
+                    raise TruncatedDatasetError("item delimiter outside a sequence")
+                return pos + 8
+            inner_implicit, fragments = implicit, False
+            if group == 0xFFFE or implicit:
+                pos += 8
+            else:
+                _, _, vr, length = _EXPLICIT.unpack_from(buf, pos)
+                if vr in _LONG_VRS:
+                    self._need(pos, 12)
+                    (length,) = _LONG.unpack_from(buf, pos + 8)
+                    pos += 12
+                    inner_implicit = vr == b"UN"
+                    fragments = vr in (b"OB", b"OW")  # encapsulated Pixel Data (PS3.5 A.4)
+                else:
+                    pos += 8
+            if length == _UNDEFINED:
+                pos = self.items(pos, inner_implicit, depth + 1, fragments)
+                continue
+            self._need(pos, length)
+            if depth == 0 and tag in _WANTED:
+                self.found[tag] = bytes(buf[pos : pos + length])
+            pos += length
+        if pos > end:
+            raise TruncatedDatasetError("an element runs past the end of its container")
+        return pos
+
+    def items(self, pos: int, implicit: bool, depth: int, fragments: bool) -> int:
+        """Items of an undefined-length sequence (datasets) or of encapsulated Pixel Data
+        (``fragments``: opaque bytes), up to the sequence delimiter."""
+        buf = self.buf
+        while True:
+            self._need(pos, 8)
+            group, element, length = _ELEMENT.unpack_from(buf, pos)
+            tag = (group << 16) | element
+            pos += 8
+            if tag == _SEQUENCE_END:
+                return pos
+            if tag != _ITEM:
+                raise TruncatedDatasetError("sequence without an item or delimiter")
+            if length == _UNDEFINED:
+                if fragments:
+                    raise TruncatedDatasetError("a Pixel Data fragment of undefined length")
+                pos = self.elements(pos, len(buf), implicit, depth)
+                continue
+            self._need(pos, length)
+            if not fragments:
+                self.elements(pos, pos + length, implicit, depth)
+            pos += length
 
 
 def identity(stream: BytesIO, transfer_syntax: UID) -> tuple[str, str, str]:
     """(SeriesInstanceUID, SOPInstanceUID, SOPClassUID) of a received dataset.
 
-    Walks every top-level element header with pydicom's raw element generator (so a corrupt
-    dataset fails here, as a full decode would) but skips large values instead of copying
-    them. Raises pydicom's errors, :class:`TruncatedDatasetError`, or ``AttributeError``
-    when an identifying UID is absent or empty. Deflated datasets are the caller's job
-    (pynetdicom's ``Event.dataset`` inflates).
+    Walks every element header (so a corrupt or truncated dataset fails here, as a full
+    decode would) but never reads a value it does not need. Raises
+    :class:`TruncatedDatasetError`, or ``AttributeError`` when an identifying UID is absent
+    or empty. Little Endian only; deflated and Big Endian datasets are the caller's job
+    (pynetdicom's ``Event.dataset``).
     """
-    stream.seek(0)
-    size = len(stream.getbuffer())
-    found: dict[int, bytes] = {}
-    for raw in data_element_generator(
-        stream,
-        transfer_syntax.is_implicit_VR,
-        transfer_syntax.is_little_endian,
-        defer_size=_DEFER_BYTES,
-    ):
-        raw = cast(RawDataElement, raw)  # the generator yields raw elements only
-        if raw.length == 0xFFFFFFFF:  # sequences / encapsulated pixel data: parsed through
-            continue
-        stored = size - raw.value_tell if raw.value is None else len(raw.value)
-        if stored < raw.length:
-            raise TruncatedDatasetError("an element runs past the end of the dataset")
-        if raw.tag in (_SERIES_UID, _SOP_UID, _SOP_CLASS_UID) and raw.value:
-            found[raw.tag] = raw.value
+    if not transfer_syntax.is_little_endian or transfer_syntax.is_deflated:
+        raise ValueError("identity() reads Little Endian, not deflated, datasets")
+    walker = _Walker(stream.getbuffer())
     try:
-        uids = [found[t] for t in (_SERIES_UID, _SOP_UID, _SOP_CLASS_UID)]
+        walker.elements(0, len(walker.buf), transfer_syntax.is_implicit_VR, 0)
+    finally:
+        walker.buf.release()
+    try:
+        uids = [walker.found[t] for t in (_SERIES_UID, _SOP_UID, _SOP_CLASS_UID)]
     except KeyError:
         raise AttributeError("an identifying UID is missing") from None
     series, sop, sop_class = (u.rstrip(b"\x00 ").decode("ascii") for u in uids)
+    if not (series and sop and sop_class):
+        raise AttributeError("an identifying UID is empty")
     return series, sop, sop_class

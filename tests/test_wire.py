@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 
 import pytest
@@ -17,6 +18,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    RLELossless,
 )
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
@@ -24,6 +26,7 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.events import Event
 
 from gateway.wire import TruncatedDatasetError, c_store_rsp_command, identity, part10_header
+from tests.support.deid import phi_series
 from tests.test_scp import _series
 
 # Odd and even UID lengths exercise the padding.
@@ -110,3 +113,42 @@ def test_identity_reads_uids_and_rejects_truncation(syntax: str) -> None:
     del ds.SeriesInstanceUID
     with pytest.raises(AttributeError):
         identity(BytesIO(_dataset_bytes(ds, syntax)), UID(syntax))
+
+
+def _undefined_lengths(ds: Dataset) -> None:
+    """Make every sequence (at any depth) undefined-length, as many scanners write them."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                _undefined_lengths(item)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_identity_walks_nested_sequences_and_private_tags(syntax: str, undefined: bool) -> None:
+    (ds, *_), _ = phi_series(seed=3, slices=1)  # ~90 planted values, sequences, private tags
+    assert any(e.VR == "SQ" for e in ds) and any(e.tag.is_private for e in ds)
+    if undefined:
+        _undefined_lengths(ds)
+    raw = _dataset_bytes(ds, syntax)
+    assert identity(BytesIO(raw), UID(syntax)) == (
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        ds.SOPClassUID,
+    )
+    # A cut inside a nested sequence or a value is caught, not read as a shorter dataset.
+    sq = next(e for e in ds if e.VR == "SQ")
+    inside_sq = raw.index(struct.pack("<HH", sq.tag.group, sq.tag.element)) + 20
+    for cut in (inside_sq, len(raw) - 3):
+        with pytest.raises(TruncatedDatasetError):
+            identity(BytesIO(raw[:cut]), UID(syntax))
+
+
+def test_identity_skips_encapsulated_pixel_data_fragments() -> None:
+    (ds,) = _series(n=1, size=64)
+    ds.compress(RLELossless)  # undefined-length Pixel Data with an offset table + fragments
+    raw = _dataset_bytes(ds, ExplicitVRLittleEndian)
+    assert identity(BytesIO(raw), UID(RLELossless))[1] == ds.SOPInstanceUID
+    with pytest.raises(TruncatedDatasetError):  # sequence delimiter missing
+        identity(BytesIO(raw[:-8]), UID(RLELossless))
