@@ -61,7 +61,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from gateway.config import GatewaySettings
@@ -71,7 +71,7 @@ from gateway.state import Kind, StateStore
 from gateway.statuses import Status
 from gateway.store_lane import StoreLane
 from gateway.trail import AuditTrail
-from gateway.wire import c_store_rsp_command, identity, part10_header
+from gateway.wire import identity, part10_header
 
 log = logging.getLogger(__name__)
 
@@ -366,41 +366,12 @@ _STANDARD_LOG_HANDLERS = (
 
 
 def _lean(assoc: Association) -> None:
-    """Per-instance cost cuts on one accepted association (≈ 1/3 of the receive CPU).
-
-    * pynetdicom's standard logging handlers are unbound unless its logger is at DEBUG.
-    * A plain C-STORE response (status only) is sent from a command set encoded by
-      :func:`gateway.wire.c_store_rsp_command` instead of pydicom ``Dataset`` encoding;
-      anything else, or any subscriber to EVT_DIMSE_SENT, takes pynetdicom's path.
-    """
+    """Unbind pynetdicom's standard logging handlers from one accepted association unless its
+    logger is at DEBUG: they format every PDU and message (and their presence keeps the
+    C-STORE lane out, see :data:`_LANE_BYPASSES`)."""
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
         for event, handler in _STANDARD_LOG_HANDLERS:
             assoc.unbind(event, handler)
-    dimse = assoc.dimse
-    send_msg = dimse.send_msg
-
-    def send_msg_lean(primitive: Any, context_id: int) -> None:
-        if (
-            isinstance(primitive, C_STORE)
-            and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.ErrorComment is None
-            and primitive.OffendingElement is None
-            and not assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        ):
-            command = c_store_rsp_command(
-                int(primitive.MessageIDBeingRespondedTo),
-                str(primitive.AffectedSOPClassUID),
-                str(primitive.AffectedSOPInstanceUID),
-                int(cast(int, primitive.Status)),
-            )
-            pdata = P_DATA()  # one PDV; 0x03 = command, last fragment (PS3.8 E.2)
-            pdv = [context_id, b"\x03" + command]  # pynetdicom checks for a list
-            pdata.presentation_data_value_list = [pdv]  # type: ignore[list-item]
-            assoc.dul.send_pdu(pdata)
-            return
-        send_msg(primitive, context_id)
-
-    dimse.send_msg = send_msg_lean  # type: ignore[method-assign]
 
 
 class _EventDrivenAssociation(Association):
