@@ -84,6 +84,22 @@ def parse_command(raw: bytes) -> dict[str, Any]:
     return out
 
 
+def _request(fields: dict[str, Any]) -> C_STORE:
+    """The C-STORE request primitive (pynetdicom validates each value as it is set)."""
+    request = C_STORE()
+    request.MessageID = fields["MessageID"]
+    request.AffectedSOPClassUID = fields["AffectedSOPClassUID"]
+    request.AffectedSOPInstanceUID = fields["AffectedSOPInstanceUID"]
+    request.Priority = fields.get("Priority", 0)
+    if fields.get("MoveOriginatorApplicationEntityTitle"):
+        request.MoveOriginatorApplicationEntityTitle = fields[
+            "MoveOriginatorApplicationEntityTitle"
+        ]
+    if "MoveOriginatorMessageID" in fields:
+        request.MoveOriginatorMessageID = fields["MoveOriginatorMessageID"]
+    return request
+
+
 def response_pdu(context_id: int, command: bytes) -> bytes:
     """A P-DATA-TF PDU with one PDV: the last (only) fragment of a command (PS3.8 9.3.5)."""
     item = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
@@ -243,17 +259,12 @@ class StoreLane:
         data = b"".join(self._data)
         self._reset()
         assoc = self.assoc
-        request = C_STORE()
-        request.MessageID = fields["MessageID"]
-        request.AffectedSOPClassUID = fields["AffectedSOPClassUID"]
-        request.AffectedSOPInstanceUID = fields["AffectedSOPInstanceUID"]
-        request.Priority = fields.get("Priority", 0)
-        if fields.get("MoveOriginatorApplicationEntityTitle"):
-            request.MoveOriginatorApplicationEntityTitle = fields[
-                "MoveOriginatorApplicationEntityTitle"
-            ]
-        if "MoveOriginatorMessageID" in fields:
-            request.MoveOriginatorMessageID = fields["MoveOriginatorMessageID"]
+        try:
+            request = _request(fields)
+        except (ValueError, TypeError) as exc:  # as pynetdicom: an invalid message aborts
+            log.error("invalid C-STORE-RQ command set (%s)", type(exc).__name__)
+            self.dul.event_queue.put("Evt19")
+            return
         request.DataSet = BytesIO(data)
         context = assoc._accepted_cx[context_id]
         event = Event(assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})

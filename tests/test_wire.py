@@ -152,3 +152,40 @@ def test_identity_skips_encapsulated_pixel_data_fragments() -> None:
     assert identity(BytesIO(raw), UID(RLELossless))[1] == ds.SOPInstanceUID
     with pytest.raises(TruncatedDatasetError):  # sequence delimiter missing
         identity(BytesIO(raw[:-8]), UID(RLELossless))
+
+
+@pytest.mark.parametrize("sop_uid", UIDS)
+def test_store_lane_parses_commands_as_pynetdicom_encodes_them(sop_uid: str) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    from gateway.store_lane import _request, parse_command
+
+    rq = C_STORE()
+    rq.MessageID = 41
+    rq.AffectedSOPClassUID = CTImageStorage
+    rq.AffectedSOPInstanceUID = sop_uid
+    rq.Priority = 2
+    rq.MoveOriginatorApplicationEntityTitle = "MOVER"
+    rq.MoveOriginatorMessageID = 9
+    rq.DataSet = BytesIO(b"\x08\x00\x16\x00UI\x00\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    first_pdata = next(iter(message.encode_msg(1, 0)))
+    _, pdv = first_pdata.presentation_data_value_list[0]  # the command, in one fragment
+    fields = parse_command(pdv[1:])
+    assert fields == {
+        "AffectedSOPClassUID": CTImageStorage,
+        "CommandField": 0x0001,
+        "MessageID": 41,
+        "Priority": 2,
+        "CommandDataSetType": 0x0001,
+        "AffectedSOPInstanceUID": sop_uid,
+        "MoveOriginatorApplicationEntityTitle": "MOVER",
+        "MoveOriginatorMessageID": 9,
+    }
+    back = _request(fields)
+    assert (back.MessageID, back.AffectedSOPInstanceUID, back.Priority) == (41, sop_uid, 2)
+    with pytest.raises(ValueError):  # truncated command set
+        parse_command(pdv[1:-3])
+    with pytest.raises(ValueError):  # pynetdicom's own validation of the primitive
+        _request({**fields, "Priority": 7})
