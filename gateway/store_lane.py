@@ -30,7 +30,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 
-from gateway.wire import c_store_rsp_command
+from gateway.wire import NO_DATA_SET, c_store_rsp_command
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 
 P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
-C_STORE_RQ = 0x0001
-NO_DATA_SET = 0x0101
+C_STORE_RQ = 0x0001  # CommandField (PS3.7 9.3.1.1)
 #: pynetdicom's status when an EVT_C_STORE handler raises (service_class.StorageServiceClass).
 HANDLER_FAILED = 0xC211
 
@@ -112,7 +111,6 @@ class StoreLane:
     def __init__(self, assoc: Association) -> None:
         self.assoc = assoc
         self.dul: DULServiceProvider = assoc.dul
-        self.handled = 0  # C-STOREs served by the lane (tests, diagnosis)
         self._reset()
 
     def install(self) -> None:
@@ -281,4 +279,3 @@ class StoreLane:
             status,
         )
         cast(Any, self.dul.socket).send(response_pdu(context_id, command))
-        self.handled += 1
