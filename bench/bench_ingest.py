@@ -8,8 +8,9 @@ alternately, on the same machine in the same run. Prints instances/s and the rat
 The gateway's quiet period is set far beyond the run so no defacing competes for the CPU:
 this measures receive + durable spool only. Each round sends a fresh series (new UIDs) so
 the gateway never takes the duplicate fast path. A bare in-process pynetdicom SCP is measured
-alongside: what pynetdicom's own C-STORE path costs (the gateway's lane bypasses it). Before each send the page cache is
-written back (``os.sync``) so no receiver pays for the previous one's or the generator's I/O.
+alongside: what pynetdicom's own C-STORE path costs (the gateway's lane bypasses it). Before
+each send the page cache is written back (``os.sync``) so no receiver pays for the previous
+one's or the generator's I/O.
 
 Not like for like: storescp never fsyncs (dcmtk has no option for it) and gets 128 KiB PDUs
 (its ``--max-pdu``), the gateway 1 MiB and the bare SCP unlimited ones. The gateway's
