@@ -1,11 +1,13 @@
-"""Byte encoders for the SCP's per-instance hot path.
+"""Byte-level pieces of the SCP's per-instance hot path (used by gateway.store_lane/scp).
 
-pynetdicom builds the Part 10 file meta (``Event.encoded_dataset``) and every C-STORE
-response through pydicom ``Dataset`` objects: ≈ 0.3 ms each per instance, a third of what
-the whole receive costs. Both are fixed, tiny structures, so they are encoded here directly
-with ``struct``. Tests check every function byte-for-byte against pydicom's and
-pynetdicom's own encoders (tests/test_wire.py); anything outside these fixed shapes goes
-through the library as before.
+* :func:`part10_header` and :func:`c_store_rsp_command`: pynetdicom builds the Part 10 file
+  meta and every C-STORE response through pydicom ``Dataset`` objects (≈ 0.3 ms each per
+  instance); both are fixed, tiny structures, encoded here with ``struct``.
+* :func:`identity`: the identifying UIDs from a walk over element headers that never reads
+  a value it does not need (0.05 ms instead of 0.12 ms with pydicom's raw generator).
+
+Tests check the encoders byte-for-byte against pynetdicom's own and the walker against
+pydicom (tests/test_wire.py); anything outside these fixed shapes goes through the library.
 """
 
 from __future__ import annotations

@@ -113,3 +113,15 @@ class Geometry:
         cos = self.direction.T @ (np.asarray(direction, float) / np.linalg.norm(direction))
         axis = int(np.argmax(np.abs(cos)))
         return axis, int(np.sign(cos[axis]))
+
+
+def mask_extent(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bounding box of a boolean mask: per axis the first index holding a True voxel and one
+    past the last (from per-axis projections, without listing coordinates); None if empty."""
+    hits = [
+        np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        for ax in range(mask.ndim)
+    ]
+    if any(h.size == 0 for h in hits):
+        return None
+    return np.array([int(h[0]) for h in hits]), np.array([int(h[-1]) + 1 for h in hits])

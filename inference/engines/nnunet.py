@@ -37,14 +37,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from scipy import ndimage
 
 from inference.engines import FacemaskEngine
 from inference.errors import FacemaskError, ModelError
-from inference.geometry import Geometry
+from inference.geometry import Geometry, mask_extent
 from inference.models import CHECKPOINT_NAME, ModelInfo, resolve_training_dir, validate_training_dir
 
 log = logging.getLogger(__name__)
@@ -413,16 +413,14 @@ def _largest_same_tiles(n: int, scale: float, patch: int, step: float) -> int:
 
 def facemask_region(mask: np.ndarray, spacing: np.ndarray, margin_mm: float) -> Region:
     """Bounding box of ``mask`` plus ``margin_mm`` per side, clipped to the volume."""
-    if not mask.any():
+    extent = mask_extent(mask)
+    if extent is None:
         raise FacemaskError("the anatomical facemask is empty")
     pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
-    out = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        start = max(0, int(hit[0]) - int(pad[axis]))
-        stop = min(mask.shape[axis], int(hit[-1]) + 1 + int(pad[axis]))
-        out.append(slice(start, stop))
-    return out[0], out[1], out[2]
+    lo = np.maximum(extent[0] - pad, 0)
+    hi = np.minimum(extent[1] + pad, mask.shape)
+    a, b = lo.tolist(), hi.tolist()
+    return slice(a[0], b[0]), slice(a[1], b[1]), slice(a[2], b[2])
 
 
 def anatomical_roi(
@@ -499,9 +497,9 @@ def postprocess(
         raise FacemaskError("the nnU-Net model found no face voxels")
     struct = _ellipsoid(dilate_mm, np.asarray(spacing, float)) if dilate_mm > 0 else None
     pad = np.array(struct.shape) // 2 if struct is not None else np.zeros(3, int)
-    idx = np.nonzero(face)
-    lo = np.maximum([int(i.min()) for i in idx] - pad, 0)
-    hi = np.minimum([int(i.max()) + 1 for i in idx] + pad, face.shape)
+    first, stop = cast(tuple[np.ndarray, np.ndarray], mask_extent(face))  # face.any() above
+    lo = np.maximum(first - pad, 0)
+    hi = np.minimum(stop + pad, face.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     labels, n = ndimage.label(face[box])
     if n > 1:

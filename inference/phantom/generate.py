@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from inference.geometry import Geometry
+from inference.geometry import Geometry, mask_extent
 from inference.phantom import anatomy as A
 from inference.phantom.canvas import INTRACRANIAL, Canvas
 
@@ -194,13 +194,11 @@ def _resample(
     box that can see ``occupied`` source voxels (the rest is ``cval``): the head fills about
     half of a 250 mm field of view, so this halves the cost."""
     out = np.full(shape, cval, dtype=src.dtype)
-    nz = [
-        np.flatnonzero(occupied.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)
-    ]
-    if any(len(n) == 0 for n in nz):
+    extent = mask_extent(occupied)
+    if extent is None:
         return out
-    lo = np.array([n[0] - 1 for n in nz], float)
-    hi = np.array([n[-1] + 1 for n in nz], float)
+    lo = (extent[0] - 1).astype(float)
+    hi = extent[1].astype(float)
     corners = np.array(
         [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
     )
