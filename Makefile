@@ -34,7 +34,7 @@ system-deps:
 demo: $(STAMP)
 	rm -rf demo
 	$(BIN)/defacegate phantom demo/phantom --seed 1
-	$(BIN)/defacegate deface demo/phantom demo/defaced
+	$(BIN)/defacegate deface demo/phantom/dicom demo/defaced
 	@echo "defaced series written to $(CURDIR)/demo/defaced"
 
 lint: $(STAMP)
