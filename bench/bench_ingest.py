@@ -19,9 +19,8 @@ file, fdatasync, rename, directory fsync). Their sum is the time per instance of
 gateway (dcmtk's receive, then the write the issue requires; storescu waits for each
 response, so nothing overlaps); the "ideal ratio" printed is that receiver's rate over
 storescp's. When it is below 0.5, no gateway that syncs before answering reaches the target
-on this disk in that run. (storescp's own rate moves between runs: on this VM a write into
-never-touched guest memory costs ~10 µs per 4 KiB page, and storescp's CPU per instance
-doubles in the rounds whose files land in such pages.)
+on this disk in that run. (storescp's own rate moves between runs; a likely cause on a VM:
+a write into never-touched guest memory costs ~10 µs per 4 KiB page.)
 
 Not like for like: storescp never fsyncs (dcmtk has no option for it) and gets 128 KiB PDUs
 (its ``--max-pdu``), the gateway 1 MiB and the bare SCP unlimited ones. The gateway's
