@@ -20,7 +20,7 @@ from gateway.pipeline import StageError, deface_to_directory
 from inference.errors import DefacegateError
 
 NAME = "deface"
-HELP = "Deface and de-identify the DICOM series in INPUT into the new directory OUTPUT."
+HELP = "deface and de-identify the DICOM series in INPUT into the new directory OUTPUT"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

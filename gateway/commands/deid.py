@@ -20,7 +20,7 @@ from gateway.config import Settings
 from gateway.keys import safe_uid
 
 NAME = "deid"
-HELP = "Review (--dry-run) or apply the header de-identification profile to DICOM files"
+HELP = "review (--dry-run) or apply the header de-identification profile to DICOM files"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
