@@ -48,6 +48,8 @@ def test_errors_name_the_setting_but_never_echo_a_secret(tmp_path: Path) -> None
     assert run.returncode == 2
     assert "deid" in run.stderr and "fill" in run.stderr
     assert "short-secret" not in run.stderr + run.stdout
+    # one line per setting, no documentation links
+    assert "\n  deface.fill: " in run.stderr and "errors.pydantic.dev" not in run.stderr
 
 
 def test_config_command_masks_secrets(tmp_path: Path) -> None:
