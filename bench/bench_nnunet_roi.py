@@ -178,13 +178,11 @@ def main() -> int:
         # Warm-up (not counted): the first prediction in a process pays one-off costs (oneDNN
         # kernel selection, allocator growth) that a gateway worker pays once, not per series;
         # without it they would fall on whichever run comes first (the ROI).
-        centre = tuple(slice(n // 2, n // 2 + 1) for n in hu.shape)
-        one_tile = engine.fit_tile_grid(centre, g)  # type: ignore[arg-type]
+        z, y, x = (n // 2 for n in hu.shape)
+        one_tile = engine.fit_tile_grid((slice(z, z + 1), slice(y, y + 1), slice(x, x + 1)), g)
         _, w_warm, _ = timed(lambda: engine.predict(hu, g, one_tile))
-        print(
-            f"warm-up: one tile {engine.tiles(describe(engine, one_tile, hu, g)[0], g)} "
-            f"in {w_warm:.1f} s (not counted)"
-        )
+        warm_grid = describe(engine, one_tile, hu, g)[3]
+        print(f"warm-up: {warm_grid} tile in {w_warm:.1f} s (not counted)")
 
         everything = (slice(0, hu.shape[0]), slice(0, hu.shape[1]), slice(0, hu.shape[2]))
         _, _, full_tiles, full_grid = describe(engine, everything, hu, g)
