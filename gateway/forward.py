@@ -36,7 +36,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -224,6 +224,27 @@ def _contexts(instances: Sequence[_Instance], name: str) -> list[PresentationCon
     return contexts
 
 
+def sender_only(assoc: Association) -> None:
+    """Keep pynetdicom's association reactor away from the responses this SCU waits for.
+
+    pynetdicom's requestor runs a reactor thread that polls ``dimse.get_msg(block=False)``
+    to serve requests from the peer. ``send_c_store`` pauses it with a handshake that can
+    race: the reactor may already be past its pause point when the sender sees it "paused",
+    take the C-STORE-RSP off the queue and drop it ("Received unexpected C-STORE service
+    message"). The sender then waits out the DIMSE timeout and the instance is sent again
+    (seen in CI: a 60 s stall and a duplicate store). A storage SCU serves no requests,
+    so on this association the reactor's non-blocking poll gets nothing and only the
+    sender's blocking ``get_msg`` takes messages.
+    """
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+
+    def sender_get_msg(block: bool = False) -> Any:
+        return get_msg(block=True) if block else (None, None)
+
+    dimse.get_msg = sender_get_msg  # type: ignore[method-assign]
+
+
 def _associate(
     instances: Sequence[_Instance], destination: Destination, settings: ForwardSettings
 ) -> Association:
@@ -247,6 +268,7 @@ def _associate(
         evt_handlers=[(evt.EVT_CONN_OPEN, enable_tcp_nodelay)],
     )
     if assoc.is_established:
+        sender_only(assoc)
         return assoc
     rsp = assoc.acceptor.primitive
     if assoc.is_rejected and rsp is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -25,6 +27,7 @@ from gateway.forward import (
     classify_status,
     destination_key,
     forward_series,
+    sender_only,
 )
 from inference.dicomgen import make_ct_series
 from inference.geometry import Geometry
@@ -235,6 +238,37 @@ def test_forward_to_storescp(tmp_path: Path, storescp: StoreSCP) -> None:
     result = forward_series(paths, dest("STORESCP", storescp.port), FAST)
     assert result.confirmed == sop_uids(paths)
     assert sop_uids(storescp.received()) == sop_uids(paths)
+
+
+def test_reactor_never_takes_the_response_the_sender_waits_for(
+    tmp_path: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's requestor reactor polls the DIMSE queue, and its pause handshake with
+    send_c_store can race: the reactor then drops the C-STORE-RSP the sender waits for (seen
+    in CI: a 60 s DIMSE timeout and a duplicate store). A message put on the queue of a live
+    association is taken by the unguarded reactor within milliseconds; with sender_only it
+    stays for the sender's blocking get."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage)
+    for guarded in (False, True):
+        assoc = ae.associate(LOCALHOST, storescp.port, ae_title=storescp.aet)
+        assert assoc.is_established
+        try:
+            if guarded:
+                sender_only(assoc)
+            item = (1, C_STORE())
+            assoc.dimse.msg_queue.put(item)  # type: ignore[arg-type]
+            time.sleep(0.2)  # the reactor polls every millisecond
+            assert assoc.dimse.msg_queue.qsize() == (1 if guarded else 0)
+            if guarded:
+                assert assoc.dimse.get_msg(block=True) == item
+        finally:
+            assoc.release()
+
+    guarded_associations: list[object] = []
+    monkeypatch.setattr("gateway.forward.sender_only", guarded_associations.append)
+    forward_series(write_series(tmp_path / "series"), dest("STORESCP", storescp.port), FAST)
+    assert len(guarded_associations) == 1  # the forwarder guards its association
 
 
 def test_storescp_refusing_the_sop_class_is_permanent(tmp_path: Path) -> None:
