@@ -36,6 +36,7 @@ from pynetdicom.dsutils import split_dataset
 
 from gateway.config import CallerSettings, GatewaySettings, ScpTLS
 from gateway.controls import IngestControls
+from gateway.forward import sender_only
 from gateway.scp import VERIFICATION as Verification
 from gateway.scp import StorageSCP
 from gateway.spool import Spool
@@ -105,7 +106,10 @@ def _assoc(port: int, contexts: list[tuple[str, list[str]]], calling: str = "PYS
     for sop, syntaxes in contexts:
         ae.add_requested_context(sop, syntaxes)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    return ae.associate(LOCALHOST, port, ae_title=AET)
+    assoc = ae.associate(LOCALHOST, port, ae_title=AET)
+    if assoc.is_established:
+        sender_only(assoc)  # pynetdicom's reactor could otherwise take a response (forward.py)
+    return assoc
 
 
 def test_echo_and_store_with_dcmtk(tmp_path: Path) -> None:

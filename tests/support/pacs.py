@@ -28,6 +28,8 @@ import trustme
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from gateway.forward import sender_only
+
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 LOCALHOST = "127.0.0.1"
 
@@ -121,6 +123,7 @@ def c_echo(
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)  # type: ignore[arg-type]
     if not assoc.is_established:
         return None
+    sender_only(assoc)  # pynetdicom's reactor could otherwise take the response (forward.py)
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if "Status" in status else None
