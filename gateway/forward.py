@@ -232,9 +232,9 @@ def sender_only(assoc: Association) -> None:
     race: the reactor may already be past its pause point when the sender sees it "paused",
     take the C-STORE-RSP off the queue and drop it ("Received unexpected C-STORE service
     message"). The sender then waits out the DIMSE timeout and the instance is sent again
-    (seen in CI: a 60 s stall and a duplicate store). A storage SCU serves no requests,
-    so on this association the reactor's non-blocking poll gets nothing and only the
-    sender's blocking ``get_msg`` takes messages.
+    (seen in a fresh-clone test run: a 60 s stall and a duplicate store). A storage SCU
+    serves no requests, so on this association the reactor's non-blocking poll gets nothing
+    and only the sender's blocking ``get_msg`` takes messages.
     """
     dimse = assoc.dimse
     get_msg = dimse.get_msg

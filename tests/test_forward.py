@@ -245,9 +245,9 @@ def test_reactor_never_takes_the_response_the_sender_waits_for(
 ) -> None:
     """pynetdicom's requestor reactor polls the DIMSE queue, and its pause handshake with
     send_c_store can race: the reactor then drops the C-STORE-RSP the sender waits for (seen
-    in CI: a 60 s DIMSE timeout and a duplicate store). A message put on the queue of a live
-    association is taken by the unguarded reactor within milliseconds; with sender_only it
-    stays for the sender's blocking get."""
+    in a fresh-clone test run: a 60 s DIMSE timeout and a duplicate store). A message put on
+    the queue of a live association is taken by the unguarded reactor within milliseconds;
+    with sender_only it stays for the sender's blocking get."""
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)
     for guarded in (False, True):
