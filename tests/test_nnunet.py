@@ -21,13 +21,12 @@ from inference.engines.anatomical import AnatomicalEngine, face_region
 from inference.engines.nnunet import (
     NnUNetEngine,
     NnUNetOptions,
-    anatomical_roi,
-    facemask_region,
+    anatomical_guide,
     physical_spacing,
     postprocess,
     reorientation,
-    touching_sides,
 )
+from inference.engines.roi import box_mask, escaping_sides
 from inference.errors import FacemaskError, ModelError
 from inference.geometry import Geometry
 from inference.models import (
@@ -70,9 +69,14 @@ def full_prediction(
     return full_engine.predict(hu, geometry)
 
 
-def anterior_roi(hu: np.ndarray, geometry: Geometry) -> tuple[slice, slice, slice]:
-    """Stand-in for anatomical.face_region: the anterior-left part of the volume."""
-    return slice(4, 36), slice(0, 20), slice(20, 48)
+ANTERIOR = (slice(4, 36), slice(0, 20), slice(20, 48))
+#: The ROI exactly as the guide says: no margin, one box.
+EXACT = NnUNetOptions(roi=True, roi_margin_mm=0.0, roi_max_crops=1)
+
+
+def anterior_roi(hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Stand-in for the anatomical facemask: the anterior-left part of the volume."""
+    return box_mask(hu.shape, ANTERIOR)
 
 
 # -- engine ------------------------------------------------------------------------------------
@@ -130,8 +134,10 @@ def test_roi_paste_back_position_and_agreement_with_full_volume(
     full_prediction: np.ndarray,
 ) -> None:
     hu, label, geometry = head
-    engine = NnUNetEngine(model_dir, NnUNetOptions(roi=True), roi_fn=anterior_roi)
-    region = engine.region(hu, geometry)
+    engine = NnUNetEngine(model_dir, EXACT, roi_fn=anterior_roi)
+    crops = engine.crops(hu, geometry)
+    assert crops is not None and len(crops) == 1
+    region = crops[0]
     # grown to at least one 32-voxel patch along rows (2 mm spacing, 32 × 2 mm patch)
     assert region[1].stop - region[1].start == 32 and region[1].start == 0
     assert region[0] == slice(4, 36) and region[2] == slice(16, 48)
@@ -146,8 +152,9 @@ def test_roi_paste_back_position_and_agreement_with_full_volume(
     shifted = np.roll(roi_pred, 3, axis=2)
     assert dice(shifted[region], label[region]) < dice(roi_pred[region], label[region]) - 0.05
     # the face continues outside this crop: mask() grows it until the prediction is inside
-    face, final = engine.predict_face(hu, geometry)
-    assert final is not None and touching_sides(face, final, hu.shape) == []
+    face, grown = engine.predict_face(hu, geometry)
+    assert grown is not None and len(grown) == 1 and escaping_sides(face, grown) == []
+    final = grown[0]
     assert all(f.start <= r.start and f.stop >= r.stop for f, r in zip(final, region, strict=True))
     assert final != region
     assert dice(face[final], full_prediction[final]) > 0.9
@@ -162,9 +169,10 @@ def test_roi_around_the_whole_head_is_kept_and_mask_stays_inside(
         slice(max(0, int(i.min()) - 2), min(n, int(i.max()) + 3))
         for i, n in zip(idx, SHAPE, strict=True)
     )
-    engine = NnUNetEngine(model_dir, roi_fn=lambda h, g: box)  # type: ignore[arg-type,return-value]
-    face, final = engine.predict_face(hu, geometry)
-    assert final == engine.region(hu, geometry)  # no growth needed
+    engine = NnUNetEngine(model_dir, EXACT, roi_fn=lambda h, g: box_mask(h.shape, box))  # type: ignore[arg-type]
+    face, crops = engine.predict_face(hu, geometry)
+    assert crops == engine.crops(hu, geometry) and crops is not None  # no growth needed
+    final = crops[0]
     outside = np.ones(SHAPE, bool)
     outside[final] = False
     assert not face[outside].any()
@@ -184,7 +192,7 @@ def test_unlocalised_face_falls_back_to_the_full_volume(
     """A wrong ROI may cost time, never a face: no localisation → the whole volume."""
     hu, _, geometry = head
 
-    def no_face(hu: np.ndarray, geometry: Geometry) -> tuple[slice, slice, slice]:
+    def no_face(hu: np.ndarray, geometry: Geometry) -> np.ndarray:
         raise FacemaskError("landmarks not found")
 
     engine = NnUNetEngine(model_dir, roi_fn=no_face)
@@ -205,7 +213,7 @@ def test_default_roi_chain_on_a_volume_without_face_landmarks(
     geometry = synthetic_geometry(SHAPE)
     engine = NnUNetEngine(model_dir)  # default ROI: anatomical facemask → face_region → all
     with caplog.at_level(logging.WARNING, logger="inference.engines.nnunet"):
-        assert engine.region(hu, geometry) is None
+        assert engine.crops(hu, geometry) is None
     assert "anatomical facemask failed" in caplog.text and "full volume" in caplog.text
     face, region = engine.predict_face(hu, geometry)
     assert region is None and face.any()
@@ -460,23 +468,47 @@ def _voxels(region: tuple[slice, ...]) -> int:
     return int(np.prod([s.stop - s.start for s in region]))
 
 
-def test_default_roi_comes_from_the_anatomical_facemask(model_dir: Path, phantom: Phantom) -> None:
+def _tiles_of(engine: NnUNetEngine, crops: list[tuple[slice, slice, slice]], g: Geometry) -> int:
+    return sum(int(np.prod(engine.tiles(tuple(s.stop - s.start for s in r), g))) for r in crops)
+
+
+def test_default_roi_covers_the_anatomical_facemask_in_fewer_tiles(
+    model_dir: Path, phantom: Phantom
+) -> None:
     hu, g = phantom.hu, phantom.geometry
     engine = NnUNetEngine(model_dir, NnUNetOptions(roi_margin_mm=10.0))
-    region = engine.region(hu, g)
-    assert region is not None
-    # bounding box of the anatomical facemask + 10 mm, grown for free to the tile grid
-    box = facemask_region(AnatomicalEngine().mask(hu, g), physical_spacing(g), 10.0)
-    assert all(r.start <= b.start and r.stop >= b.stop for r, b in zip(region, box, strict=True))
-    shape = tuple(s.stop - s.start for s in region)
-    assert engine.tiles(shape, g) == engine.tiles(tuple(s.stop - s.start for s in box), g)
-    assert phantom.facemask[region].sum() == phantom.facemask.sum()  # the whole face is in
-    # tighter than the former default (landmark face_region + 15 mm, grown to one patch)
+    crops = engine.crops(hu, g)
+    assert crops is not None and len(crops) > 1
+    covered = np.zeros(hu.shape, bool)
+    for r in crops:
+        covered[r] = True
+    facemask = AnatomicalEngine().mask(hu, g)
+    assert covered[facemask].all() and covered[phantom.facemask].all()  # the whole face is in
+    # fewer tiles than one box around the same facemask (which is what roi_max_crops=1 gives)
+    one = NnUNetEngine(model_dir, NnUNetOptions(roi_margin_mm=10.0, roi_max_crops=1))
+    one_box = one.crops(hu, g)
+    assert one_box is not None and len(one_box) == 1
+    assert _tiles_of(engine, crops, g) < _tiles_of(one, one_box, g)
+    # and far fewer than the former default (landmark face_region + 15 mm, one box)
     before = engine.fit_tile_grid(face_region(hu, g, margin_mm=15.0), g)
-    assert _voxels(region) < _voxels(before)
-    assert np.prod(engine.tiles(shape, g)) < np.prod(
-        engine.tiles(tuple(s.stop - s.start for s in before), g)
-    )
+    assert covered.sum() < 0.5 * _voxels(before)
+    assert 2 * _tiles_of(engine, crops, g) < _tiles_of(engine, [before], g)
+
+
+def test_multi_crop_prediction_is_pasted_where_the_full_volume_run_puts_it(
+    model_dir: Path, phantom: Phantom
+) -> None:
+    """Each crop's prediction lands at its own place: on the face, the union of the crops'
+    predictions agrees with nnU-Net's sliding window over the whole volume."""
+    hu, g = phantom.hu, phantom.geometry
+    engine = NnUNetEngine(model_dir, NnUNetOptions(roi_margin_mm=10.0))
+    crops = engine.crops(hu, g)
+    assert crops is not None and len(crops) > 1
+    face = engine.predict_crops(hu, g, crops)
+    full = engine.predict(hu, g)
+    facemask = phantom.facemask
+    assert (face[facemask] == full[facemask]).mean() > 0.9
+    assert dice(face & facemask, full & facemask) > 0.945  # 2 voxels off: ≤ 0.93
 
 
 class _FailingEngine:
@@ -493,23 +525,42 @@ class _EmptyEngine:
         return np.zeros(hu.shape, bool)
 
 
-def test_anatomical_roi_falls_back_to_the_landmark_face_region(phantom: Phantom) -> None:
+def test_anatomical_guide_falls_back_to_the_landmark_face_region(phantom: Phantom) -> None:
     hu, g = phantom.hu, phantom.geometry
-    landmark_box = face_region(hu, g, margin_mm=7.0)
-    assert anatomical_roi(hu, g, 7.0, engine=_FailingEngine()) == landmark_box
-    assert anatomical_roi(hu, g, 7.0, engine=_EmptyEngine()) == landmark_box
-    # and with a working engine it is the tighter facemask box
-    tight = anatomical_roi(hu, g, 7.0)
-    assert _voxels(tight) < 0.7 * _voxels(landmark_box)
+    landmark_box = box_mask(hu.shape, face_region(hu, g, margin_mm=0.0))
+    np.testing.assert_array_equal(anatomical_guide(hu, g, engine=_FailingEngine()), landmark_box)
+    np.testing.assert_array_equal(anatomical_guide(hu, g, engine=_EmptyEngine()), landmark_box)
+    # and with a working engine it is the facemask itself, a thin shell
+    shell = anatomical_guide(hu, g)
+    np.testing.assert_array_equal(shell, AnatomicalEngine().mask(hu, g))
+    assert shell.sum() < 0.3 * landmark_box.sum()
 
 
-def test_facemask_region_is_the_bounding_box_plus_margin_in_mm() -> None:
-    mask = np.zeros((30, 40, 50), bool)
-    mask[10:12, 5:20, 30:49] = True
-    box = facemask_region(mask, np.array([2.0, 0.5, 1.0]), 3.0)
-    assert box == (slice(8, 14), slice(0, 26), slice(27, 50))  # 2, 6, 3 voxels; clipped
-    with pytest.raises(FacemaskError):
-        facemask_region(np.zeros_like(mask), np.ones(3), 3.0)
+def test_multi_crop_roi_grows_the_crop_the_face_leaves(
+    model_dir: Path,
+    head: tuple[np.ndarray, np.ndarray, Geometry],
+    full_prediction: np.ndarray,
+) -> None:
+    """Two small guide boxes far apart: two crops; the network's label (all soft tissue)
+    leaves them, so they grow until nothing leaves the covered volume."""
+    hu, _, geometry = head
+
+    def two_spots(hu: np.ndarray, geometry: Geometry) -> np.ndarray:
+        guide = box_mask(hu.shape, (slice(2, 6), slice(2, 6), slice(2, 6)))
+        guide[34:38, 42:46, 42:46] = True
+        return guide
+
+    options = NnUNetOptions(roi_margin_mm=0.0, roi_grow_rounds=6)
+    engine = NnUNetEngine(model_dir, options, roi_fn=two_spots)
+    first = engine.crops(hu, geometry)
+    assert first is not None and len(first) == 2
+    face, grown = engine.predict_face(hu, geometry)
+    assert grown is not None and escaping_sides(face, grown) == []
+    covered = np.zeros(hu.shape, bool)
+    for r in grown:
+        covered[r] = True
+    assert covered.sum() > sum(_voxels(r) for r in first)
+    assert dice(face[covered], full_prediction[covered]) > 0.85
 
 
 def _nnunet_tiles(engine: NnUNetEngine, shape: tuple[int, ...], g: Geometry) -> int:

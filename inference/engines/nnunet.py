@@ -16,11 +16,13 @@ feed the DICOM (slice, row, column) array as it is. The volume is permuted/flipp
 nearest matching axes (no resampling; rotated heads stay rotated, as they were in training).
 
 ROI. On a CPU a sliding window over a whole 512×512×300 CTA is dominated by the number of
-patches, so the network runs only on a crop around the face and the prediction is pasted back
-into an all-background volume (``roi=False`` predicts the full volume). The crop is the
-bounding box of the anatomical engine's facemask plus ``roi_margin_mm`` (its landmark
-``face_region`` when that engine fails, the full volume when both do), then grown to the
-largest size that needs the same number of sliding-window tiles: context at no extra tiles.
+patches, so the network runs only on crops around the face and the predictions are pasted back
+into an all-background volume (``roi=False`` predicts the full volume). The crops cover the
+anatomical engine's facemask (its landmark ``face_region`` when that engine fails, the full
+volume when both do) with ``roi_margin_mm`` around every voxel: ``roi.plan_crops`` cuts the
+bounding box into up to ``roi_max_crops`` boxes where that needs fewer tiles, since the face
+is a curved shell. Each crop is then grown to the largest size that needs the same number of
+sliding-window tiles: context at no extra tiles.
 
 Post-processing: the largest connected component of the face label, then a small dilation
 that may only grow into air, so the mask never eats more tissue than the network said.
@@ -29,12 +31,11 @@ that may only grow into air, so the mask never eats more tissue than the network
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -43,14 +44,16 @@ import numpy as np
 from scipy import ndimage
 
 from inference.engines import FacemaskEngine
+from inference.engines.roi import Region, box_mask, escaping_sides, grow, plan_crops
 from inference.errors import FacemaskError, ModelError
 from inference.geometry import Geometry, mask_extent
 from inference.models import CHECKPOINT_NAME, ModelInfo, resolve_training_dir, validate_training_dir
 
 log = logging.getLogger(__name__)
 
-Region = tuple[slice, slice, slice]
-RoiFunction = Callable[[np.ndarray, Geometry], Region]
+#: Localises the face for ROI mode: a boolean guide mask of what the crops must hold
+#: (FacemaskError: not found, predict the full volume).
+RoiFunction = Callable[[np.ndarray, Geometry], np.ndarray]
 
 #: Unit vector in LPS of the direction each orientation letter points to.
 _LETTER_VECTORS = {
@@ -68,12 +71,14 @@ class NnUNetOptions:
     """How the engine runs the model; defaults suit a CPU worker and CTA-DEFACE."""
 
     roi: bool = True
-    #: Margin around the anatomical facemask's bounding box, mm (before the free growth to
+    #: Context around every voxel of the anatomical facemask, mm (before the free growth to
     #: the tile grid, which usually adds more).
     roi_margin_mm: float = 10.0
-    #: When the prediction reaches a side of the crop (that is not the volume border) the
-    #: face may continue outside: grow that side by ``roi_grow_mm`` and predict again, at
-    #: most ``roi_grow_rounds`` times, then fall back to the full volume. A wrong ROI costs
+    #: Boxes the facemask may be split into when that needs fewer tiles (1: its bounding box).
+    roi_max_crops: int = 16
+    #: When the prediction leaves the crops through a side (not the volume border) the face
+    #: may continue outside: grow that side by ``roi_grow_mm`` and predict again, at most
+    #: ``roi_grow_rounds`` times, then fall back to the full volume. A wrong ROI costs
     #: time, never a face left in place.
     roi_grow_mm: float = 30.0
     roi_grow_rounds: int = 3
@@ -98,6 +103,8 @@ class NnUNetOptions:
             raise ValueError("tile_step_size must be in (0, 1]")
         if self.dilate_mm < 0 or self.roi_margin_mm < 0:
             raise ValueError("dilate_mm and roi_margin_mm must be >= 0")
+        if self.roi_max_crops < 1:
+            raise ValueError("roi_max_crops must be >= 1")
 
 
 def _axes_vectors(axes: str) -> list[np.ndarray] | None:
@@ -178,7 +185,7 @@ class NnUNetEngine:
         """Validate and load the model folder (training, dataset or results folder).
 
         ``roi_fn`` localises the face for ROI mode (a FacemaskError from it means: predict
-        the full volume); by default ``anatomical_roi`` with ``options.roi_margin_mm``.
+        the full volume); by default ``anatomical_guide``.
         """
         self.options = options or NnUNetOptions()
         opts = self.options
@@ -258,46 +265,102 @@ class NnUNetEngine:
             air_hu=self.options.air_hu,
         )
 
-    def predict_face(self, hu: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Region | None]:
-        """Raw face prediction and the crop it came from (None: the full volume).
+    def predict_face(
+        self, hu: np.ndarray, geometry: Geometry
+    ) -> tuple[np.ndarray, list[Region] | None]:
+        """Raw face prediction and the crops it came from (None: the full volume).
 
-        In ROI mode the crop grows while the prediction touches one of its inner sides. A
-        growth round predicts the whole grown crop again: the sliding-window tiles move with
-        the crop, so the previous logits cannot be reused exactly, and with a crop around the
-        anatomical facemask a round is the exception.
+        In ROI mode a crop grows while the prediction leaves the covered volume through one
+        of its sides. Only grown crops are predicted again: the sliding-window tiles move
+        with the crop, so its previous logits cannot be reused exactly, and with crops
+        around the anatomical facemask a round is the exception.
         """
         if not self.options.roi:
             return self.predict(hu, geometry), None
-        region = self.region(hu, geometry)
-        if region is None:
+        crops = self.crops(hu, geometry)
+        if crops is None:
             return self.predict(hu, geometry), None
-        spacing = physical_spacing(geometry)
+        grow_vox = self.options.roi_grow_mm / physical_spacing(geometry)
+        seen: dict[tuple[int, ...], np.ndarray] = {}
         for _ in range(self.options.roi_grow_rounds + 1):
-            face = self.predict(hu, geometry, region)
-            sides = touching_sides(face, region, hu.shape)
-            if not sides:
-                return face, region
-            log.info("face prediction reaches crop sides %s: growing the crop", sides)
-            grown = _grow(region, sides, self.options.roi_grow_mm / spacing, hu.shape)
-            region = self.fit_tile_grid(grown, geometry)
+            face = self.predict_crops(hu, geometry, crops, seen)
+            escapes = escaping_sides(face, crops)
+            if not escapes:
+                return face, crops
+            log.info("face prediction leaves the crops through %d sides: growing", len(escapes))
+            crops = _unique(
+                self.fit_tile_grid(
+                    grow(r, [(a, d) for c, a, d in escapes if c == i], grow_vox, hu.shape),
+                    geometry,
+                )
+                if any(c == i for c, _, _ in escapes)
+                else r
+                for i, r in enumerate(crops)
+            )
         log.warning("face still reaches the crop border: predicting the full volume")
         return self.predict(hu, geometry), None
 
-    def region(self, hu: np.ndarray, geometry: Geometry) -> Region | None:
-        """The crop the network runs on, fitted to the tile grid (``fit_tile_grid``).
+    def crops(self, hu: np.ndarray, geometry: Geometry) -> list[Region] | None:
+        """The crops the network runs on: ``plan_crops`` over the face guide, each fitted to
+        the tile grid (``fit_tile_grid``).
 
         None when the face cannot be localised: the full volume is predicted then, because a
         wrong ROI may cost time but never a face left in place.
         """
-        localise = self._roi_fn or functools.partial(
-            anatomical_roi, margin_mm=self.options.roi_margin_mm
-        )
+        localise = self._roi_fn or anatomical_guide
         try:
-            roi = localise(hu, geometry)
+            guide = localise(hu, geometry)
+            planned = plan_crops(
+                guide,
+                physical_spacing(geometry),
+                self.options.roi_margin_mm,
+                self.tile_cost(geometry),
+                max_crops=self.options.roi_max_crops,
+            )
         except FacemaskError as exc:
             log.warning("ROI: face not localised (%s): predicting the full volume", exc)
             return None
-        return self.fit_tile_grid(roi, geometry)
+        crops = _unique(self.fit_tile_grid(r, geometry) for r in planned)
+        cost = self.tile_cost(geometry)
+        log.info(
+            "ROI: %d crops, %d tiles (full volume: %d)",
+            len(crops),
+            sum(cost(_shape(r)) for r in crops),
+            cost(hu.shape),  # type: ignore[arg-type]
+        )
+        return crops
+
+    def predict_crops(
+        self,
+        hu: np.ndarray,
+        geometry: Geometry,
+        crops: list[Region],
+        seen: dict[tuple[int, ...], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Union of the network's face label on each crop (bool, ``hu.shape``); False
+        outside them. ``seen`` keeps each crop's prediction so a growth round only predicts
+        the crops that changed."""
+        seen = {} if seen is None else seen
+        face = np.zeros(hu.shape, dtype=bool)
+        for r in crops:
+            key = _key(r)
+            if key not in seen:
+                seen[key] = self.predict_crop(hu, geometry, r)
+            face[r] |= seen[key]
+        return face
+
+    def tile_cost(self, geometry: Geometry) -> Callable[[tuple[int, int, int]], int]:
+        """Sliding-window tiles of a crop of a given shape (voxels of ours), for planning."""
+        grid = self._axis_grid(geometry)
+        step = self.options.tile_step_size
+
+        def cost(shape: tuple[int, int, int]) -> int:
+            n = 1
+            for size, (scale, patch) in zip(shape, grid, strict=True):
+                n *= _tiles(_model_size(size, scale), patch, step)
+            return n
+
+        return cost
 
     def tiles(self, shape: tuple[int, ...], geometry: Geometry) -> tuple[int, int, int]:
         """Sliding-window tiles nnU-Net runs per axis of ours on a crop of ``shape``."""
@@ -338,18 +401,21 @@ class NnUNetEngine:
         """
         if hu.ndim != 3 or hu.shape != geometry.shape:
             raise ValueError(f"volume shape {hu.shape} does not match geometry {geometry.shape}")
+        if region is None:
+            return self.predict_crop(hu, geometry, None)
+        out = np.zeros(hu.shape, dtype=bool)
+        out[region] = self.predict_crop(hu, geometry, region)
+        return out
+
+    def predict_crop(self, hu: np.ndarray, geometry: Geometry, region: Region | None) -> np.ndarray:
+        """Raw face label of the network on ``hu[region]`` (bool, the crop's shape)."""
         crop = hu if region is None else hu[region]
         if min(crop.shape) < 1:
             raise FacemaskError("face region is empty")
         image, properties = self.model_input(crop, geometry)
         seg = self.run_network(image, properties)
         reo = reorientation(geometry, self.options.axes)
-        face_crop = reo.backward(seg == self.info.face_label)
-        if region is None:
-            return np.ascontiguousarray(face_crop)
-        out = np.zeros(hu.shape, dtype=bool)
-        out[region] = face_crop
-        return out
+        return np.ascontiguousarray(reo.backward(seg == self.info.face_label))
 
     def run_network(self, image: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
         """Label array of ``image``'s grid via nnU-Net's in-process path: preprocessing,
@@ -411,65 +477,41 @@ def _largest_same_tiles(n: int, scale: float, patch: int, step: float) -> int:
     return max(best, n)
 
 
-def facemask_region(mask: np.ndarray, spacing: np.ndarray, margin_mm: float) -> Region:
-    """Bounding box of ``mask`` plus ``margin_mm`` per side, clipped to the volume."""
-    extent = mask_extent(mask)
-    if extent is None:
-        raise FacemaskError("the anatomical facemask is empty")
-    pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
-    lo = np.maximum(extent[0] - pad, 0)
-    hi = np.minimum(extent[1] + pad, mask.shape)
-    a, b = lo.tolist(), hi.tolist()
-    return slice(a[0], b[0]), slice(a[1], b[1]), slice(a[2], b[2])
+def _key(region: Region) -> tuple[int, ...]:
+    """A hashable stand-in for a region (slices are not hashable before Python 3.12)."""
+    return tuple(v for sl in region for v in (sl.start, sl.stop))
 
 
-def anatomical_roi(
-    hu: np.ndarray,
-    geometry: Geometry,
-    margin_mm: float = 10.0,
-    engine: FacemaskEngine | None = None,
-) -> Region:
-    """Where the face is, for the crop: the anatomical engine's facemask bounding box plus
-    ``margin_mm`` (tight: ~15 % of a head-and-neck volume); when that engine fails, its
-    landmark ``face_region`` (a generous box, ~40 %). FacemaskError when neither finds the
-    face. ``engine`` replaces the default anatomical engine (tests)."""
+def _unique(regions: Iterable[Region]) -> list[Region]:
+    """Regions in order, without repeats (fitted crops can coincide)."""
+    out: dict[tuple[int, ...], Region] = {}
+    for r in regions:
+        out.setdefault(_key(r), r)
+    return list(out.values())
+
+
+def _shape(region: Region) -> tuple[int, int, int]:
+    a, b, c = (sl.stop - sl.start for sl in region)
+    return a, b, c
+
+
+def anatomical_guide(
+    hu: np.ndarray, geometry: Geometry, engine: FacemaskEngine | None = None
+) -> np.ndarray:
+    """Where the face is, for the crops: the anatomical engine's facemask (a shell ~3 % of a
+    head-and-neck volume); when that engine fails or finds nothing, its landmark
+    ``face_region`` box (~40 %). FacemaskError when neither finds the face. ``engine``
+    replaces the default anatomical engine (tests)."""
     from inference.engines.anatomical import AnatomicalEngine, face_region
 
     try:
         mask = (engine or AnatomicalEngine()).mask(hu, geometry)
-        return facemask_region(mask, physical_spacing(geometry), margin_mm)
+        if mask.any():
+            return mask
+        log.warning("ROI: anatomical facemask is empty: using the landmark face region")
     except FacemaskError as exc:
         log.warning("ROI: anatomical facemask failed (%s): using the landmark face region", exc)
-    return face_region(hu, geometry, margin_mm=margin_mm)
-
-
-def touching_sides(
-    face: np.ndarray, region: Region, shape: tuple[int, ...]
-) -> list[tuple[int, int]]:
-    """(axis, -1|+1) sides of ``region`` inside the volume that predicted voxels touch."""
-    sides = []
-    for axis, sl in enumerate(region):
-        start, stop, _ = sl.indices(shape[axis])
-        for side, index, at_border in ((-1, start, start == 0), (1, stop - 1, stop == shape[axis])):
-            if at_border:
-                continue
-            face_slab = face[tuple(index if a == axis else region[a] for a in range(3))]
-            if face_slab.any():
-                sides.append((axis, side))
-    return sides
-
-
-def _grow(
-    region: Region, sides: list[tuple[int, int]], grow_vox: np.ndarray, shape: tuple[int, ...]
-) -> Region:
-    out = [sl.indices(shape[a])[:2] for a, sl in enumerate(region)]
-    for axis, side in sides:
-        start, stop = out[axis]
-        step = max(1, int(np.ceil(grow_vox[axis])))
-        out[axis] = (
-            (max(0, start - step), stop) if side < 0 else (start, min(shape[axis], stop + step))
-        )
-    return slice(*out[0]), slice(*out[1]), slice(*out[2])
+    return box_mask(hu.shape, face_region(hu, geometry, margin_mm=0.0))
 
 
 def _ellipsoid(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
