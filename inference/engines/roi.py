@@ -33,8 +33,8 @@ Side = tuple[int, int, int]
 class _Node:
     """A box of the cell grid (tight around its guide cells) and its cheapest cut."""
 
-    lo: tuple[int, int, int]
-    hi: tuple[int, int, int]
+    lo: np.ndarray
+    hi: np.ndarray
     tiles: int
     cut_tiles: int  # tiles of the two halves of the best cut (== tiles when none helps)
     halves: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None
@@ -47,10 +47,10 @@ def plan_crops(
     tiles: TileCost,
     *,
     max_crops: int = 16,
-    cell_mm: float = 2.0,
+    cell_mm: float = 1.0,
 ) -> list[Region]:
-    """Boxes (with ``margin_mm`` per side, clipped to the volume) whose union holds every
-    voxel of ``guide`` with that margin around it, in fewer ``tiles`` than one box.
+    """Boxes (with ``margin_mm`` per side, clipped to the volume) that hold every voxel of
+    ``guide`` with that margin around it inside one box, in no more ``tiles`` than one box.
 
     Greedy guillotine cuts on a ``cell_mm`` grid: each box is cut where its two halves'
     tiles sum lowest, if that is below the box's own; the biggest saving is taken first,
@@ -89,7 +89,7 @@ def plan_crops(
             if split < best:
                 best = split
                 halves = ((lo + left[0], lo + left[1]), (lo + right[0], lo + right[1]))
-        return _Node(tuple(lo.tolist()), tuple(hi.tolist()), own, best, halves)  # type: ignore[arg-type]
+        return _Node(lo, hi, own, best, halves)
 
     c_first, c_stop = mask_extent(cells)  # type: ignore[misc]  # guide is not empty
     heap: list[tuple[int, int, _Node]] = []
@@ -112,7 +112,7 @@ def plan_crops(
             push(node(lo, hi))
     crops = []
     for n in done + [n for _, _, n in heap]:
-        a, b = box(np.array(n.lo), np.array(n.hi))
+        a, b = box(n.lo, n.hi)
         crops.append(
             (slice(int(a[0]), int(b[0])), slice(int(a[1]), int(b[1])), slice(int(a[2]), int(b[2])))
         )
