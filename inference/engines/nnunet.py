@@ -297,7 +297,7 @@ class NnUNetEngine:
                 else r
                 for i, r in enumerate(crops)
             )
-        log.warning("face still reaches the crop border: predicting the full volume")
+        log.warning("face still leaves the crops: predicting the full volume")
         return self.predict(hu, geometry), None
 
     def crops(self, hu: np.ndarray, geometry: Geometry) -> list[Region] | None:
@@ -322,11 +322,12 @@ class NnUNetEngine:
             return None
         crops = _unique(self.fit_tile_grid(r, geometry) for r in planned)
         cost = self.tile_cost(geometry)
+        everything = (slice(0, hu.shape[0]), slice(0, hu.shape[1]), slice(0, hu.shape[2]))
         log.info(
             "ROI: %d crops, %d tiles (full volume: %d)",
             len(crops),
             sum(cost(_shape(r)) for r in crops),
-            cost(hu.shape),  # type: ignore[arg-type]
+            cost(_shape(everything)),
         )
         return crops
 
@@ -353,22 +354,11 @@ class NnUNetEngine:
         """Sliding-window tiles of a crop of a given shape (voxels of ours), for planning."""
         grid = self._axis_grid(geometry)
         step = self.options.tile_step_size
-
-        def cost(shape: tuple[int, int, int]) -> int:
-            n = 1
-            for size, (scale, patch) in zip(shape, grid, strict=True):
-                n *= _tiles(_model_size(size, scale), patch, step)
-            return n
-
-        return cost
+        return lambda shape: int(np.prod(_tiles_per_axis(shape, grid, step)))
 
     def tiles(self, shape: tuple[int, ...], geometry: Geometry) -> tuple[int, int, int]:
         """Sliding-window tiles nnU-Net runs per axis of ours on a crop of ``shape``."""
-        step = self.options.tile_step_size
-        t = [
-            _tiles(_model_size(n, scale), patch, step)
-            for n, (scale, patch) in zip(shape, self._axis_grid(geometry), strict=True)
-        ]
+        t = _tiles_per_axis(shape, self._axis_grid(geometry), self.options.tile_step_size)
         return t[0], t[1], t[2]
 
     def fit_tile_grid(self, roi: Region, geometry: Geometry) -> Region:
@@ -399,8 +389,6 @@ class NnUNetEngine:
 
         Outside ``region`` the result is False.
         """
-        if hu.ndim != 3 or hu.shape != geometry.shape:
-            raise ValueError(f"volume shape {hu.shape} does not match geometry {geometry.shape}")
         if region is None:
             return self.predict_crop(hu, geometry, None)
         out = np.zeros(hu.shape, dtype=bool)
@@ -409,6 +397,8 @@ class NnUNetEngine:
 
     def predict_crop(self, hu: np.ndarray, geometry: Geometry, region: Region | None) -> np.ndarray:
         """Raw face label of the network on ``hu[region]`` (bool, the crop's shape)."""
+        if hu.ndim != 3 or hu.shape != geometry.shape:
+            raise ValueError(f"volume shape {hu.shape} does not match geometry {geometry.shape}")
         crop = hu if region is None else hu[region]
         if min(crop.shape) < 1:
             raise FacemaskError("face region is empty")
@@ -457,6 +447,15 @@ class NnUNetEngine:
 def _model_size(n: int, scale: float) -> int:
     """Voxels after nnU-Net's resampling (``compute_new_shape``: round(old / new · n))."""
     return round(scale * n)
+
+
+def _tiles_per_axis(
+    shape: tuple[int, ...], grid: list[tuple[float, int]], step: float
+) -> list[int]:
+    return [
+        _tiles(_model_size(n, scale), patch, step)
+        for n, (scale, patch) in zip(shape, grid, strict=True)
+    ]
 
 
 def _tiles(size: int, patch: int, step: float) -> int:
