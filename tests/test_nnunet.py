@@ -26,7 +26,7 @@ from inference.engines.nnunet import (
     postprocess,
     reorientation,
 )
-from inference.engines.roi import box_mask, escaping_sides
+from inference.engines.roi import box_mask, escaping_sides, union
 from inference.errors import FacemaskError, ModelError
 from inference.geometry import Geometry
 from inference.models import (
@@ -469,7 +469,11 @@ def _voxels(region: tuple[slice, ...]) -> int:
 
 
 def _tiles_of(engine: NnUNetEngine, crops: list[tuple[slice, slice, slice]], g: Geometry) -> int:
-    return sum(int(np.prod(engine.tiles(tuple(s.stop - s.start for s in r), g))) for r in crops)
+    cost = engine.tile_cost(g)
+    return sum(
+        cost((r[0].stop - r[0].start, r[1].stop - r[1].start, r[2].stop - r[2].start))
+        for r in crops
+    )
 
 
 def test_default_roi_covers_the_anatomical_facemask_in_fewer_tiles(
@@ -479,9 +483,7 @@ def test_default_roi_covers_the_anatomical_facemask_in_fewer_tiles(
     engine = NnUNetEngine(model_dir, NnUNetOptions(roi_margin_mm=10.0))
     crops = engine.crops(hu, g)
     assert crops is not None and len(crops) > 1
-    covered = np.zeros(hu.shape, bool)
-    for r in crops:
-        covered[r] = True
+    covered = union(hu.shape, crops)
     facemask = AnatomicalEngine().mask(hu, g)
     assert covered[facemask].all() and covered[phantom.facemask].all()  # the whole face is in
     # fewer tiles than one box around the same facemask (which is what roi_max_crops=1 gives)
@@ -556,9 +558,7 @@ def test_multi_crop_roi_grows_the_crop_the_face_leaves(
     assert first is not None and len(first) == 2
     face, grown = engine.predict_face(hu, geometry)
     assert grown is not None and escaping_sides(face, grown) == []
-    covered = np.zeros(hu.shape, bool)
-    for r in grown:
-        covered[r] = True
+    covered = union(hu.shape, grown)
     assert covered.sum() > sum(_voxels(r) for r in first)
     assert dice(face[covered], full_prediction[covered]) > 0.85
 

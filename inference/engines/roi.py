@@ -167,9 +167,7 @@ def _cuts(
 def escaping_sides(face: np.ndarray, crops: Sequence[Region]) -> list[Side]:
     """Sides of the crops through which the predicted ``face`` leaves the volume the crops
     cover (a side at the volume border or against another crop is no way out)."""
-    covered = np.zeros(face.shape, bool)
-    for r in crops:
-        covered[r] = True
+    covered = union(face.shape, crops)
     out = []
     for i, r in enumerate(crops):
         for axis, sl in enumerate(r):
@@ -200,6 +198,12 @@ def grow(
 
 def box_mask(shape: tuple[int, ...], region: Region) -> np.ndarray:
     """A guide that is just a box (the landmark fallback, tests)."""
+    return union(shape, [region])
+
+
+def union(shape: tuple[int, ...], crops: Sequence[Region]) -> np.ndarray:
+    """The voxels the crops cover."""
     out = np.zeros(shape, bool)
-    out[region] = True
+    for r in crops:
+        out[r] = True
     return out
