@@ -7,9 +7,7 @@ Layout under ``root``::
 
 Every write goes to a temporary file in the same directory, is fsync'ed and then
 ``os.replace``'d into place, and the directory is fsync'ed, so a file either exists whole
-or not at all (STYLE §3); received instances are written with ``O_DIRECT`` where the file
-system allows it (see :func:`atomic_write`). Names come from validated UIDs only
-(:func:`gateway.keys.safe_uid`).
+or not at all (STYLE §3). Names come from validated UIDs only (:func:`gateway.keys.safe_uid`).
 Outputs of a job appear at once: they are written into a hidden sibling directory that is
 renamed when complete.
 """
@@ -17,11 +15,8 @@ renamed when complete.
 from __future__ import annotations
 
 import errno
-import logging
-import mmap
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from enum import Enum
@@ -32,22 +27,11 @@ from pydicom.dataset import Dataset
 
 from gateway.keys import safe_uid
 
-log = logging.getLogger(__name__)
-
 _SUFFIX = ".dcm"
-#: O_DIRECT needs the buffer address, the length and the file offset aligned to the logical
-#: block size of the device (512 B or 4 KiB); a page covers both.
-_ALIGN = mmap.PAGESIZE
-_O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # Linux; 0 elsewhere: buffered writes only
-_buffers = threading.local()
 
 
 class SpoolFullError(OSError):
     """The spool is below its free-space floor or the disk is full: refuse, retry later."""
-
-
-class DirectIOUnsupported(OSError):
-    """The file system refused an ``O_DIRECT`` write (EINVAL): write through the page cache."""
 
 
 class StoreOutcome(Enum):
@@ -66,27 +50,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True, direct: bool = False) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or all of it.
-
-    ``direct`` (with ``fsync``) writes with ``O_DIRECT``: the bytes go from a reused buffer
-    to the disk without page-cache pages, which a receiver would otherwise allocate for every
-    instance (on a VM, guest memory never touched before costs ~10 µs per 4 KiB page: ~1 ms
-    per 512 KiB instance, more than the fdatasync; bench/bench_ingest.py). Raises
-    :class:`DirectIOUnsupported` (nothing written) when the file system refuses it.
-    """
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or all of it."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        if direct and fsync and _O_DIRECT:
-            _write_direct(tmp, data)
-        else:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                if fsync:
-                    # fdatasync: the data and the size (needed to read it back), not the
-                    # timestamps: ~20% cheaper than fsync for a new file, equally durable.
-                    os.fdatasync(fh.fileno())
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if fsync:
+                # fdatasync: the data and the size (needed to read it back), not the
+                # timestamps: ~20% cheaper than fsync for a new file, equally durable.
+                os.fdatasync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -95,52 +69,12 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, direct: bool = 
         _fsync_dir(path.parent)
 
 
-def _aligned_buffer(size: int) -> mmap.mmap:
-    """This thread's page-aligned write buffer, at least ``size`` bytes (reused, so its
-    pages are touched once per thread, not once per instance)."""
-    buf: mmap.mmap | None = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) < size:
-        buf = mmap.mmap(-1, max(size, 1 << 20))
-        _buffers.buf = buf
-    return buf
-
-
-def _write_direct(tmp: Path, data: bytes) -> None:
-    """Write a new file with O_DIRECT: whole aligned blocks (zero-padded), then truncate to
-    the real length and fdatasync (the size and the block map; O_DIRECT alone does not
-    flush the device's cache)."""
-    padded = -(-len(data) // _ALIGN) * _ALIGN
-    buf = _aligned_buffer(padded)
-    buf[: len(data)] = data
-    buf[len(data) : padded] = bytes(padded - len(data))
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_DIRECT, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            raise DirectIOUnsupported(exc.errno, "O_DIRECT refused by the file system") from None
-        raise
-    try:
-        with memoryview(buf) as view:
-            done = 0
-            while done < padded:
-                done += os.write(fd, view[done:padded])
-        os.ftruncate(fd, len(data))
-        os.fdatasync(fd)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:  # e.g. a block size above a page
-            raise DirectIOUnsupported(exc.errno, "O_DIRECT write refused") from None
-        raise
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """Files of every series the gateway holds; safe to share between processes and hosts."""
 
     def __init__(self, root: Path, *, fsync: bool = True, free_space_floor_mb: int = 0) -> None:
         self.root = Path(root)
         self.fsync = fsync
-        self.direct = fsync and bool(_O_DIRECT)  # until the file system refuses it
         self.floor_bytes = int(free_space_floor_mb) * 1024 * 1024
         (self.root / "series").mkdir(parents=True, exist_ok=True)
 
@@ -180,22 +114,12 @@ class Spool:
                 if self.fsync:
                     _fsync_dir(directory.parent)
                     _fsync_dir(directory.parent.parent)
-            self._write(path, data)
+            atomic_write(path, data, fsync=self.fsync)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise SpoolFullError(exc.errno, "spool disk full") from exc
             raise
         return outcome
-
-    def _write(self, path: Path, data: bytes) -> None:
-        if self.direct:
-            try:
-                atomic_write(path, data, fsync=self.fsync, direct=True)
-                return
-            except DirectIOUnsupported:
-                self.direct = False
-                log.info("spool: the file system refuses O_DIRECT: writing through the page cache")
-        atomic_write(path, data, fsync=self.fsync)
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         """Every spooled instance of the series, in a stable order."""

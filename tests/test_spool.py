@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +11,6 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from gateway import spool as spool_module
 from gateway.keys import log_id, safe_uid
 from gateway.spool import Spool, SpoolFullError, StoreOutcome
 from inference.dicomgen import make_ct_series
@@ -36,49 +33,6 @@ def test_store_writes_the_exact_bytes_under_the_sop_uid(tmp_path: Path) -> None:
     assert path.read_bytes() == data
     # No temporary file is left behind.
     assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.dcm"]
-
-
-@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 527_123, (1 << 20) + 3])
-def test_direct_writes_keep_the_exact_bytes_at_any_length(tmp_path: Path, size: int) -> None:
-    """O_DIRECT writes whole 4 KiB blocks from a reused buffer: the file must still end at
-    the real length, hold no bytes of an earlier (longer) instance, and the buffer must grow
-    past its first size."""
-    spool = Spool(tmp_path)
-    assert spool.direct  # Linux, a file system that takes O_DIRECT (ext4 or tmpfs here)
-    spool.store(SERIES, "1.2.3.9", b"\xff" * (2 << 20))  # leaves 0xFF in the buffer
-    data = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes()
-    assert spool.store(SERIES, "1.2.3.4", data) is StoreOutcome.NEW
-    path = spool.input_dir(SERIES) / "1.2.3.4.dcm"
-    assert path.stat().st_size == size
-    assert path.read_bytes() == data
-    assert spool.direct
-    assert sorted(p.name for p in path.parent.iterdir()) == ["1.2.3.4.dcm", "1.2.3.9.dcm"]
-
-
-def test_a_file_system_refusing_o_direct_gets_buffered_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Some file systems answer O_DIRECT with EINVAL (every one here accepts it, so the
-    refusal is simulated): the spool falls back for good and nothing is lost."""
-    real_open = os.open
-    refused: list[int] = []
-
-    def open_refusing_direct(path: str, flags: int, *args: int) -> int:
-        if flags & spool_module._O_DIRECT:
-            refused.append(flags)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(spool_module.os, "open", open_refusing_direct)
-    spool = Spool(tmp_path)
-    for k in range(2):
-        assert spool.store(SERIES, f"1.2.3.{k}", b"DICM" * 3000) is StoreOutcome.NEW
-    assert len(refused) == 1 and not spool.direct
-    assert [p.read_bytes() for p in spool.instance_paths(SERIES)] == [b"DICM" * 3000] * 2
-    assert sorted(p.name for p in spool.input_dir(SERIES).iterdir()) == [
-        "1.2.3.0.dcm",
-        "1.2.3.1.dcm",
-    ]
 
 
 def test_duplicate_is_idempotent_and_a_changed_copy_replaces(tmp_path: Path) -> None:
