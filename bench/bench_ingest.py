@@ -12,11 +12,11 @@ alongside: what pynetdicom's own C-STORE path costs (the gateway's lane bypasses
 each send the page cache is written back (``os.sync``) so no receiver pays for the previous
 one's or the generator's I/O.
 
-The receivers run in the order storescp, gateway, bare pynetdicom, ignore in even rounds
-and in the reverse order in odd ones: a receiver that writes right after another one has
-used up the freed page-cache pages writes into fresh guest memory, which on a VM costs
-≈ 10 µs per 4 KiB page (up to ≈ 1 ms per 512 KiB instance), so a fixed order would always
-charge it to the same receiver.
+The receivers' order is counterbalanced: storescp, gateway, bare pynetdicom, ignore in the
+first round, the reverse in the second, and so on. A receiver that writes right after
+another one has used up the freed page-cache pages writes into fresh guest memory, which on
+a VM costs ≈ 10 µs per 4 KiB page (up to ≈ 1 ms per 512 KiB instance), so a fixed order
+would always charge that to the same receiver.
 
 Also measured, to show what the target allows on this machine in this run: ``storescp
 --ignore`` (dcmtk receives and discards: the sender's pace plus the cheapest receive) and, in
@@ -181,10 +181,7 @@ def main() -> int:
                 "ignore": (ignore.port, ignore.aet, ignore.process.pid),
             }
             for r in range(args.rounds):
-                # Counterbalanced: odd rounds run the receivers in the reverse order, so no
-                # receiver always follows the same one (whoever writes into memory the VM
-                # has not handed out yet pays ~10 µs per 4 KiB page; see the docstring).
-                order = list(targets.items())
+                order = list(targets.items())  # counterbalanced (see the docstring)
                 for target, (port, aet, pid) in order[:: -1 if r % 2 else 1]:
                     series = root / f"series-{target}-{r}"
                     paths = write_series(series, n, args.matrix, seed=r)
