@@ -202,7 +202,7 @@ def main() -> int:
             f"full volume: {full_tiles / gt_tiles:.1f}× fewer at best for a single crop"
         )
 
-        crops = engine.crops(hu, g)
+        crops, w_loc, c_loc = timed(lambda: engine.crops(hu, g))
         if crops is None:
             print("roi : the anatomical engine did not find the face", file=sys.stderr)
             return 1
@@ -220,15 +220,14 @@ def main() -> int:
             f"ground-truth face inside {inside:.1%}"
         )
 
-        def roi_run(label: str) -> tuple[np.ndarray, float, float]:
-            found, w_loc, c_loc = timed(lambda: engine.crops(hu, g))
-            assert found == crops  # deterministic
+        def roi_run(label: str, localise: tuple[float, float]) -> tuple[np.ndarray, float, float]:
+            """Predict the crops; ``localise`` is the (wall, CPU) of finding them."""
             face, stages = run(engine, hu, spacing, lambda: engine.predict_crops(hu, g, crops))
-            stages = {"localise": (w_loc, c_loc), **stages}
+            stages = {"localise": localise, **stages}
             print(split_line(label, stages))
             return face, sum(w for w, _ in stages.values()), sum(c for _, c in stages.values())
 
-        face, w_roi, c_roi = roi_run("roi ")
+        face, w_roi, c_roi = roi_run("roi ", (w_loc, c_loc))
         if args.skip_full:
             return 0
 
@@ -238,7 +237,9 @@ def main() -> int:
         print(split_line("full", full))
         # The ROI once more: which run comes first must not decide the ratio (this VM's
         # speed drifts by ±20 % over minutes; a worker's steady state is neither run).
-        _, w_roi2, c_roi2 = roi_run("roi again")
+        found, w_loc, c_loc = timed(lambda: engine.crops(hu, g))
+        assert found == crops  # deterministic
+        _, w_roi2, c_roi2 = roi_run("roi again", (w_loc, c_loc))
         agree = (face[covered] == face_full[covered]).mean()
         for label, w, c in (
             ("before the full run", w_roi, c_roi),

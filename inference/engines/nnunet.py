@@ -322,12 +322,11 @@ class NnUNetEngine:
             return None
         crops = _unique(self.fit_tile_grid(r, geometry) for r in planned)
         cost = self.tile_cost(geometry)
-        everything = (slice(0, hu.shape[0]), slice(0, hu.shape[1]), slice(0, hu.shape[2]))
         log.info(
             "ROI: %d crops, %d tiles (full volume: %d)",
             len(crops),
             sum(cost(_shape(r)) for r in crops),
-            cost(_shape(everything)),
+            cost(geometry.shape),
         )
         return crops
 
