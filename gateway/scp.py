@@ -69,7 +69,7 @@ from gateway.keys import log_id, safe_uid
 from gateway.spool import Spool, SpoolFullError, StoreOutcome
 from gateway.state import Kind, StateStore
 from gateway.statuses import Status
-from gateway.store_lane import StoreLane
+from gateway.store_lane import ArrivedDataSet, StoreLane
 from gateway.trail import AuditTrail
 from gateway.wire import identity, part10_header
 
@@ -205,9 +205,13 @@ def handle_store(
         log.warning("C-STORE refused: %d series pending (backpressure)", store.pending_count())
         return Status.OUT_OF_RESOURCES
     try:
-        dataset = cast(BytesIO, request.DataSet).getvalue()
-        part10 = part10_header(sop_class, sop_uid, syntax) + dataset
-        outcome = spool.store(series_uid, sop_uid, part10)
+        header = part10_header(sop_class, sop_uid, syntax)
+        arrived = request.DataSet
+        if isinstance(arrived, ArrivedDataSet) and arrived.header == header:
+            outcome = spool.commit(arrived.path, arrived.fd, series_uid, sop_uid)
+        else:
+            dataset = cast(BytesIO, arrived).getvalue()
+            outcome = spool.store(series_uid, sop_uid, header + dataset)
     except SpoolFullError:
         log.error("C-STORE refused: spool below its free-space floor or disk full")
         return Status.OUT_OF_RESOURCES
@@ -312,7 +316,7 @@ class _WakeableSocket(AssociationSocket):
         self._wake_w.close()
 
 
-def _event_driven(assoc: Association) -> None:
+def _event_driven(assoc: Association, spool: Spool | None = None) -> None:
     """Make one accepted association event-driven (see :class:`_WakeableSocket`).
 
     Only this association's objects are changed (instance attributes), never pynetdicom's
@@ -348,7 +352,7 @@ def _event_driven(assoc: Association) -> None:
     dimse.get_msg = get_msg_waiting  # type: ignore[method-assign]
     _lean(assoc)
     if not any(assoc.get_handlers(e) for e in _LANE_BYPASSES):
-        StoreLane(assoc).install()
+        StoreLane(assoc, spool).install()
 
 
 #: Notifications the C-STORE lane does not raise: with a subscriber, pynetdicom's path is kept.
@@ -439,7 +443,7 @@ class _EventDrivenAssociation(Association):
 class _EventDrivenHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        _event_driven(assoc)
+        _event_driven(assoc, cast(_NoDelayServer, self.server).spool)
         assoc.__class__ = _EventDrivenAssociation  # same state, loop without the sleep
         return assoc
 
@@ -449,8 +453,9 @@ class _NoDelayServer(ThreadedAssociationServer):
     PDU, the C-STORE response, waits for Linux's 40 ms delayed ACK) and event-driven
     associations (:func:`_event_driven`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, spool: Spool | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", _EventDrivenHandler)
+        self.spool = spool  # the C-STORE lane writes data sets into it as they arrive
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -519,6 +524,7 @@ class StorageSCP:
             ssl_context=server_ssl_context(settings),
             evt_handlers=handlers,
             server_class=_NoDelayServer,
+            spool=spool,
         )
         self.ae._servers.append(self.server)  # as AE.start_server does; shutdown() expects it
         self._thread = threading.Thread(

@@ -190,9 +190,11 @@ class Gateway:
         return probes
 
     def recover(self) -> None:
-        """Adopt spooled series the table lacks; in embedded mode void the dead process's
-        claims and queue entries."""
+        """Drop partly received instances, adopt spooled series the table lacks; in embedded
+        mode void the dead process's claims and queue entries."""
         store, spool = self.ctx.store, self.ctx.spool
+        if removed := spool.clear_incoming():
+            log.info("removed %d partly received instances (never acknowledged)", removed)
         for series_uid in spool.series_on_disk():
             if store.adopt(series_uid, len(spool.instance_paths(series_uid))):
                 log.warning("series %s: found in the spool only; adopted", log_id(series_uid))

@@ -4,8 +4,10 @@ Layout under ``root``::
 
     series/<SeriesInstanceUID>/in/<SOPInstanceUID>.dcm       as received, raw bytes
     series/<SeriesInstanceUID>/out/<generation>/<new SOP UID>.dcm   de-identified job output
+    incoming/.<random>.tmp                                   instances still arriving
 
-Every write goes to a temporary file in the same directory, is fsync'ed and then
+Every write goes to a temporary file (in the same directory, or in ``incoming/`` for an
+instance the SCP writes while it arrives: :meth:`Spool.commit`), is fsync'ed and then
 ``os.replace``'d into place, and the directory is fsync'ed, so a file either exists whole
 or not at all (STYLE §3). Names come from validated UIDs only (:func:`gateway.keys.safe_uid`).
 Outputs of a job appear at once: they are written into a hidden sibling directory that is
@@ -14,7 +16,9 @@ renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import filecmp
 import os
 import shutil
 import uuid
@@ -28,6 +32,8 @@ from pydicom.dataset import Dataset
 from gateway.keys import safe_uid
 
 _SUFFIX = ".dcm"
+#: Instances the SCP writes while they arrive (gateway.store_lane), same file system.
+INCOMING = "incoming"
 
 
 class SpoolFullError(OSError):
@@ -69,6 +75,18 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def _disk_full_as_spool_full() -> Iterator[None]:
+    try:
+        yield
+    except SpoolFullError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise SpoolFullError(exc.errno, "spool disk full") from exc
+        raise
+
+
 class Spool:
     """Files of every series the gateway holds; safe to share between processes and hosts."""
 
@@ -77,6 +95,7 @@ class Spool:
         self.fsync = fsync
         self.floor_bytes = int(free_space_floor_mb) * 1024 * 1024
         (self.root / "series").mkdir(parents=True, exist_ok=True)
+        (self.root / INCOMING).mkdir(exist_ok=True)
 
     # -- paths ---------------------------------------------------------------------------
     def series_dir(self, series_uid: str) -> Path:
@@ -95,31 +114,69 @@ class Spool:
         if free - needed < self.floor_bytes:
             raise SpoolFullError(errno.ENOSPC, "spool below its free-space floor")
 
+    def instance_path(self, series_uid: str, sop_uid: str) -> Path:
+        return self.input_dir(series_uid) / f"{safe_uid(sop_uid)}{_SUFFIX}"
+
+    def _ensure_input_dir(self, directory: Path) -> None:
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                _fsync_dir(directory.parent)
+                _fsync_dir(directory.parent.parent)
+
     def store(self, series_uid: str, sop_uid: str, data: bytes) -> StoreOutcome:
         """Durably store one received instance (raw Part 10 bytes) before Success is sent.
 
         Idempotent: re-sending identical bytes changes nothing.
         """
-        directory = self.input_dir(series_uid)
-        path = directory / f"{safe_uid(sop_uid)}{_SUFFIX}"
+        path = self.instance_path(series_uid, sop_uid)
         outcome = StoreOutcome.NEW
         if path.exists():
             if path.stat().st_size == len(data) and path.read_bytes() == data:
                 return StoreOutcome.DUPLICATE
             outcome = StoreOutcome.REPLACED
         self.check_free_space(len(data))
-        try:
-            if not directory.is_dir():
-                directory.mkdir(parents=True, exist_ok=True)
-                if self.fsync:
-                    _fsync_dir(directory.parent)
-                    _fsync_dir(directory.parent.parent)
+        with _disk_full_as_spool_full():
+            self._ensure_input_dir(path.parent)
             atomic_write(path, data, fsync=self.fsync)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise SpoolFullError(exc.errno, "spool disk full") from exc
-            raise
         return outcome
+
+    def incoming_file(self) -> tuple[Path, int]:
+        """A new temporary file in ``incoming/`` (path, descriptor open for reading and
+        writing) for an instance written while it arrives; see :meth:`commit`."""
+        path = self.root / INCOMING / f".{uuid.uuid4().hex}.tmp"
+        return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
+    def commit(self, tmp: Path, fd: int, series_uid: str, sop_uid: str) -> StoreOutcome:
+        """:meth:`store` for an instance already written to ``tmp`` (from
+        :meth:`incoming_file`, still open as ``fd``): same outcomes, same durability (data
+        synced, renamed into place, directory synced). The caller removes ``tmp`` if it is
+        still there afterwards (a duplicate, an error)."""
+        path = self.instance_path(series_uid, sop_uid)
+        outcome = StoreOutcome.NEW
+        if path.exists():
+            if filecmp.cmp(tmp, path, shallow=False):
+                return StoreOutcome.DUPLICATE
+            outcome = StoreOutcome.REPLACED
+        self.check_free_space()  # its bytes are written already
+        with _disk_full_as_spool_full():
+            if self.fsync:
+                os.fdatasync(fd)  # the data and the size (see atomic_write)
+            self._ensure_input_dir(path.parent)
+            os.replace(tmp, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
+        return outcome
+
+    def clear_incoming(self) -> int:
+        """Remove what a stopped gateway left in ``incoming/``: never acknowledged (each
+        instance is renamed into its series before Success is sent). At start-up only: a
+        spool has one receiving gateway."""
+        removed = 0
+        for path in (self.root / INCOMING).glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         """Every spooled instance of the series, in a stable order."""

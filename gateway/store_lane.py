@@ -19,9 +19,17 @@ pinned ``>=3.0.4,<3.1`` and tests/test_scp.py proves the lane carries the stores
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import importlib.util
 import logging
+import mmap
+import os
+import ssl
 import struct
+from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.uid import UID
@@ -30,11 +38,14 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 
-from gateway.wire import NO_DATA_SET, c_store_rsp_command
+from gateway.statuses import Status
+from gateway.wire import NO_DATA_SET, c_store_rsp_command, part10_header
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.dul import DULServiceProvider
+
+    from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,29 @@ _PDU_TYPES = frozenset(range(0x01, 0x08))
 C_STORE_RQ = 0x0001  # CommandField (PS3.7 9.3.1.1)
 #: pynetdicom's status when an EVT_C_STORE handler raises (service_class.StorageServiceClass).
 HANDLER_FAILED = 0xC211
+
+# gateway/_pdata.c's return codes
+_PDATA_TRANSPORT = {-1: "connection closed", -2: "network timeout"}
+_PDATA_WRITE = -7
+
+
+def _load_pdata() -> Callable[..., int] | None:
+    """``pdata_receive`` from gateway/_pdata.c, or None when it was not built."""
+    spec = importlib.util.find_spec("gateway._pdata")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        func = ctypes.CDLL(spec.origin, use_errno=True).pdata_receive
+    except (OSError, AttributeError):
+        return None
+    func.restype = ctypes.c_longlong
+    func.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+    func.argtypes += (ctypes.c_size_t, ctypes.c_int)
+    return cast(Callable[..., int], func)
+
+
+#: The C data phase; None: the Python lane reads every PDU (tests set it to None too).
+PDATA_RECEIVE = _load_pdata()
 
 _CMD_FIELDS = {
     0x00000002: "AffectedSOPClassUID",
@@ -105,12 +139,36 @@ def response_pdu(context_id: int, command: bytes) -> bytes:
     return struct.pack(">BBI", P_DATA_TF, 0, len(item)) + item
 
 
-class StoreLane:
-    """Per association: reassemble P-DATA PDVs and serve plain C-STOREs in the DUL thread."""
+class ArrivedDataSet(BytesIO):
+    """A data set the C data phase wrote straight into a spool file (``path``, still open
+    as ``fd``, Part 10 ``header`` first), read through a memory map. The handler commits
+    that file (:meth:`gateway.spool.Spool.commit`) instead of writing the bytes again."""
 
-    def __init__(self, assoc: Association) -> None:
+    def __init__(self, mapped: mmap.mmap, path: Path, fd: int, header: bytes) -> None:
+        super().__init__()
+        self._mapped = mapped
+        self.path, self.fd, self.header = path, fd, header
+
+    def getbuffer(self) -> memoryview:  # type: ignore[override]
+        return memoryview(self._mapped)[len(self.header) :]
+
+    def getvalue(self) -> bytes:
+        return self._mapped[len(self.header) :]
+
+
+class StoreLane:
+    """Per association: reassemble P-DATA PDVs and serve plain C-STOREs in the DUL thread.
+
+    With a ``spool`` and gateway/_pdata.c built, the data set of each such C-STORE on a
+    plain (non-TLS) connection is read by C, which writes it into a spool file as it
+    arrives (:meth:`_serve_direct`).
+    """
+
+    def __init__(self, assoc: Association, spool: Spool | None = None) -> None:
         self.assoc = assoc
         self.dul: DULServiceProvider = assoc.dul
+        self._spool = spool
+        self._pdu_buffer: bytearray | None = None
         self._reset()
 
     def install(self) -> None:
@@ -194,6 +252,8 @@ class StoreLane:
                 if control & 2 and not self._command_complete():
                     self._hand_over(pdvs[i + 1 :])  # C-ECHO, deflated, malformed, ...
                     return
+                if control & 2 and i == len(pdvs) - 1 and self._serve_direct():
+                    return
                 continue
             if self._fields is None or context_id != self._fields["context_id"]:
                 self._hand_over(pdvs[i + 1 :])  # data out of place: pynetdicom's call
@@ -253,9 +313,78 @@ class StoreLane:
     # -- serving -------------------------------------------------------------------------------
     def _serve(self) -> None:
         fields = cast(dict[str, Any], self._fields)
-        context_id = int(fields["context_id"])
         data = b"".join(self._data)
         self._reset()
+        self._respond(fields, BytesIO(data))
+
+    def _direct_capacity(self) -> int:
+        """The PDU buffer the C data phase needs, 0 when it cannot serve this association."""
+        if PDATA_RECEIVE is None or self._spool is None:
+            return 0
+        if isinstance(cast(Any, self.dul.socket).socket, ssl.SSLSocket):
+            return 0  # TLS: the bytes on the socket are not the PDUs
+        return int(self.assoc.acceptor.maximum_length or 0)  # 0: unlimited, not for C
+
+    def _serve_direct(self) -> bool:
+        """Read this C-STORE's data set in C, straight into a spool file, and answer it.
+        False (nothing read) when the C data phase cannot serve it: the Python lane goes on."""
+        capacity = self._direct_capacity()
+        if not capacity:
+            return False
+        fields = cast(dict[str, Any], self._fields)
+        context_id = int(fields["context_id"])
+        syntax = self.assoc._accepted_cx[context_id].transfer_syntax[0]
+        header = part10_header(
+            fields["AffectedSOPClassUID"], fields["AffectedSOPInstanceUID"], syntax
+        )
+        spool = cast("Spool", self._spool)
+        try:
+            path, fd = spool.incoming_file()
+        except OSError:
+            return False  # the handler meets the same error and answers it
+        try:
+            try:
+                os.write(fd, header)
+            except OSError:
+                return False
+            if self._pdu_buffer is None or len(self._pdu_buffer) < capacity:
+                self._pdu_buffer = bytearray(capacity)
+            buffer = (ctypes.c_char * len(self._pdu_buffer)).from_buffer(self._pdu_buffer)
+            timeout = self.assoc.network_timeout
+            sock = cast(Any, self.dul.socket).socket
+            assert PDATA_RECEIVE is not None
+            length = PDATA_RECEIVE(
+                sock.fileno(),
+                fd,
+                context_id,
+                buffer,
+                len(self._pdu_buffer),
+                -1 if timeout is None else int(timeout * 1000),
+            )
+            del buffer
+            self._reset()
+            self.dul._idle_timer.restart()
+            if length == _PDATA_WRITE:
+                log.error(
+                    "C-STORE refused: spool write failed (%s)",
+                    errno.errorcode.get(ctypes.get_errno(), "?"),
+                )
+                self._send_response(fields, Status.OUT_OF_RESOURCES)
+            elif length in _PDATA_TRANSPORT:
+                log.error("C-STORE data set not received: %s", _PDATA_TRANSPORT[length])
+                self.dul.event_queue.put("Evt17")
+            elif length < 0:
+                self._invalid()
+            else:
+                with mmap.mmap(fd, len(header) + length, prot=mmap.PROT_READ) as mapped:
+                    self._respond(fields, ArrivedDataSet(mapped, path, fd, header))
+            return True
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)  # unless the handler committed it
+
+    def _respond(self, fields: dict[str, Any], dataset: BytesIO) -> None:
+        """Call the EVT_C_STORE handler with a real pynetdicom ``Event`` and answer."""
         assoc = self.assoc
         try:
             request = _request(fields)
@@ -263,8 +392,8 @@ class StoreLane:
             log.error("invalid C-STORE-RQ command set (%s)", type(exc).__name__)
             self.dul.event_queue.put("Evt19")
             return
-        request.DataSet = BytesIO(data)
-        context = assoc._accepted_cx[context_id]
+        request.DataSet = dataset
+        context = assoc._accepted_cx[int(fields["context_id"])]
         event = Event(assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
         handler, args = cast(tuple[Any, list[Any]], assoc.get_handlers(evt.EVT_C_STORE))
         try:
@@ -272,10 +401,13 @@ class StoreLane:
         except Exception:  # as pynetdicom: the peer gets 0xC211, the association goes on
             log.exception("exception in the EVT_C_STORE handler")
             status = HANDLER_FAILED
+        self._send_response(fields, status)
+
+    def _send_response(self, fields: dict[str, Any], status: int) -> None:
         command = c_store_rsp_command(
             fields["MessageID"],
             fields["AffectedSOPClassUID"],
             fields["AffectedSOPInstanceUID"],
             status,
         )
-        cast(Any, self.dul.socket).send(response_pdu(context_id, command))
+        cast(Any, self.dul.socket).send(response_pdu(int(fields["context_id"]), command))
