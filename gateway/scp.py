@@ -66,7 +66,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from gateway.config import GatewaySettings
 from gateway.keys import log_id, safe_uid
-from gateway.spool import Spool, SpoolFullError, StoreOutcome
+from gateway.spool import IncomingFiles, Spool, SpoolFullError, StoreOutcome
 from gateway.state import Kind, StateStore
 from gateway.statuses import Status
 from gateway.store_lane import ArrivedDataSet, StoreLane
@@ -316,7 +316,7 @@ class _WakeableSocket(AssociationSocket):
         self._wake_w.close()
 
 
-def _event_driven(assoc: Association, spool: Spool | None = None) -> None:
+def _event_driven(assoc: Association, incoming: IncomingFiles | None = None) -> None:
     """Make one accepted association event-driven (see :class:`_WakeableSocket`).
 
     Only this association's objects are changed (instance attributes), never pynetdicom's
@@ -352,7 +352,7 @@ def _event_driven(assoc: Association, spool: Spool | None = None) -> None:
     dimse.get_msg = get_msg_waiting  # type: ignore[method-assign]
     _lean(assoc)
     if not any(assoc.get_handlers(e) for e in _LANE_BYPASSES):
-        StoreLane(assoc, spool).install()
+        StoreLane(assoc, incoming).install()
 
 
 #: Notifications the C-STORE lane does not raise: with a subscriber, pynetdicom's path is kept.
@@ -443,7 +443,7 @@ class _EventDrivenAssociation(Association):
 class _EventDrivenHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        _event_driven(assoc, cast(_NoDelayServer, self.server).spool)
+        _event_driven(assoc, cast(_NoDelayServer, self.server).incoming)
         assoc.__class__ = _EventDrivenAssociation  # same state, loop without the sleep
         return assoc
 
@@ -453,9 +453,9 @@ class _NoDelayServer(ThreadedAssociationServer):
     PDU, the C-STORE response, waits for Linux's 40 ms delayed ACK) and event-driven
     associations (:func:`_event_driven`)."""
 
-    def __init__(self, *args: Any, spool: Spool | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, incoming: IncomingFiles | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", _EventDrivenHandler)
-        self.spool = spool  # the C-STORE lane writes data sets into it as they arrive
+        self.incoming = incoming  # spool files the C-STORE lane writes data sets into
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -512,6 +512,7 @@ class StorageSCP:
     ) -> None:
         self.settings = settings
         self.ae = build_ae(settings)
+        self.incoming = IncomingFiles(spool)
         store_handler = counted(handle_store, on_store) if on_store else handle_store
         handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list]] = [
             (evt.EVT_REQUESTED, handle_requested, [settings, paused, on_reject]),
@@ -524,7 +525,7 @@ class StorageSCP:
             ssl_context=server_ssl_context(settings),
             evt_handlers=handlers,
             server_class=_NoDelayServer,
-            spool=spool,
+            incoming=self.incoming,
         )
         self.ae._servers.append(self.server)  # as AE.start_server does; shutdown() expects it
         self._thread = threading.Thread(
@@ -552,3 +553,4 @@ class StorageSCP:
             self.server.shutdown()  # blocks until serve_forever returns: only if it runs
             self._thread.join(timeout=10)
         self.server.server_close()
+        self.incoming.close()

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.dul import DULServiceProvider
 
-    from gateway.spool import Spool
+    from gateway.spool import IncomingFiles
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ HANDLER_FAILED = 0xC211
 # gateway/_pdata.c's return codes
 _PDATA_TRANSPORT = {-1: "connection closed", -2: "network timeout"}
 _PDATA_WRITE = -7
+#: The C data phase copies fragments through a buffer of this size (any PDU length works).
+_CHUNK = 1 << 20
 
 
 def _load_pdata() -> Callable[..., int] | None:
@@ -69,13 +71,14 @@ def _load_pdata() -> Callable[..., int] | None:
         func = ctypes.CDLL(spec.origin, use_errno=True).pdata_receive
     except (OSError, AttributeError):
         return None
-    func.restype = ctypes.c_longlong
-    func.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
-    func.argtypes += (ctypes.c_size_t, ctypes.c_int)
+    func.restype = ctypes.c_int
+    func.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+    func.argtypes += (ctypes.c_int, ctypes.c_int)
+    func.argtypes += (ctypes.POINTER(ctypes.c_longlong), ctypes.POINTER(ctypes.c_uint32))
     return cast(Callable[..., int], func)
 
 
-#: The C data phase; None: the Python lane reads every PDU (tests set it to None too).
+#: The C data phase; None: the Python lane reads every PDU (also when tests set it so).
 PDATA_RECEIVE = _load_pdata()
 
 _CMD_FIELDS = {
@@ -159,15 +162,15 @@ class ArrivedDataSet(BytesIO):
 class StoreLane:
     """Per association: reassemble P-DATA PDVs and serve plain C-STOREs in the DUL thread.
 
-    With a ``spool`` and gateway/_pdata.c built, the data set of each such C-STORE on a
-    plain (non-TLS) connection is read by C, which writes it into a spool file as it
-    arrives (:meth:`_serve_direct`).
+    With ``incoming`` (spool files to write into) and gateway/_pdata.c built, the data set
+    of each such C-STORE on a plain (non-TLS) connection is read by C, which writes it into
+    a spool file as it arrives (:meth:`_serve_direct`).
     """
 
-    def __init__(self, assoc: Association, spool: Spool | None = None) -> None:
+    def __init__(self, assoc: Association, incoming: IncomingFiles | None = None) -> None:
         self.assoc = assoc
         self.dul: DULServiceProvider = assoc.dul
-        self._spool = spool
+        self._incoming = incoming
         self._pdu_buffer: bytearray | None = None
         self._reset()
 
@@ -317,19 +320,16 @@ class StoreLane:
         self._reset()
         self._respond(fields, BytesIO(data))
 
-    def _direct_capacity(self) -> int:
-        """The PDU buffer the C data phase needs, 0 when it cannot serve this association."""
-        if PDATA_RECEIVE is None or self._spool is None:
-            return 0
-        if isinstance(cast(Any, self.dul.socket).socket, ssl.SSLSocket):
-            return 0  # TLS: the bytes on the socket are not the PDUs
-        return int(self.assoc.acceptor.maximum_length or 0)  # 0: unlimited, not for C
+    def _direct(self) -> bool:
+        """Whether the C data phase can serve this association."""
+        if PDATA_RECEIVE is None or self._incoming is None:
+            return False
+        return not isinstance(cast(Any, self.dul.socket).socket, ssl.SSLSocket)  # TLS: no
 
     def _serve_direct(self) -> bool:
         """Read this C-STORE's data set in C, straight into a spool file, and answer it.
         False (nothing read) when the C data phase cannot serve it: the Python lane goes on."""
-        capacity = self._direct_capacity()
-        if not capacity:
+        if not self._direct():
             return False
         fields = cast(dict[str, Any], self._fields)
         context_id = int(fields["context_id"])
@@ -337,9 +337,9 @@ class StoreLane:
         header = part10_header(
             fields["AffectedSOPClassUID"], fields["AffectedSOPInstanceUID"], syntax
         )
-        spool = cast("Spool", self._spool)
+        incoming = cast("IncomingFiles", self._incoming)
         try:
-            path, fd = spool.incoming_file()
+            path, fd = incoming.take()
         except OSError:
             return False  # the handler meets the same error and answers it
         try:
@@ -347,41 +347,65 @@ class StoreLane:
                 os.write(fd, header)
             except OSError:
                 return False
-            if self._pdu_buffer is None or len(self._pdu_buffer) < capacity:
-                self._pdu_buffer = bytearray(capacity)
-            buffer = (ctypes.c_char * len(self._pdu_buffer)).from_buffer(self._pdu_buffer)
-            timeout = self.assoc.network_timeout
-            sock = cast(Any, self.dul.socket).socket
-            assert PDATA_RECEIVE is not None
-            length = PDATA_RECEIVE(
-                sock.fileno(),
-                fd,
-                context_id,
-                buffer,
-                len(self._pdu_buffer),
-                -1 if timeout is None else int(timeout * 1000),
-            )
-            del buffer
+            code, length, rest = self._receive(fd, context_id, incoming.spool.fsync)
             self._reset()
-            self.dul._idle_timer.restart()
-            if length == _PDATA_WRITE:
+            self.dul._idle_timer.restart()  # frozen in _receive
+            if code == _PDATA_WRITE:
                 log.error(
                     "C-STORE refused: spool write failed (%s)",
                     errno.errorcode.get(ctypes.get_errno(), "?"),
                 )
                 self._send_response(fields, Status.OUT_OF_RESOURCES)
-            elif length in _PDATA_TRANSPORT:
-                log.error("C-STORE data set not received: %s", _PDATA_TRANSPORT[length])
+            elif code in _PDATA_TRANSPORT:
+                log.error("C-STORE data set not received: %s", _PDATA_TRANSPORT[code])
                 self.dul.event_queue.put("Evt17")
-            elif length < 0:
+                return True
+            elif code < 0:
                 self._invalid()
+                return True
             else:
                 with mmap.mmap(fd, len(header) + length, prot=mmap.PROT_READ) as mapped:
                     self._respond(fields, ArrivedDataSet(mapped, path, fd, header))
-            return True
         finally:
             os.close(fd)
             path.unlink(missing_ok=True)  # unless the handler committed it
+        if rest:  # PDVs after the last fragment in its PDU: the rest of that PDU
+            body = cast(Any, self.dul.socket).recv(rest)
+            if len(body) != rest:
+                self.dul.event_queue.put("Evt17")
+            else:
+                self.feed(body)
+        return True
+
+    def _receive(self, fd: int, context_id: int, writeback: bool) -> tuple[int, int, int]:
+        """The C data phase (``pdata_receive``) into ``fd``: (code, data set length, bytes of
+        the last PDU left to read)."""
+        if self._pdu_buffer is None:
+            self._pdu_buffer = bytearray(_CHUNK)
+        buffer = (ctypes.c_char * _CHUNK).from_buffer(self._pdu_buffer)
+        length, rest = ctypes.c_longlong(), ctypes.c_uint32()
+        timeout = self.assoc.network_timeout
+        # pynetdicom restarts the idle timer per PDU; C reads them all and applies the
+        # network timeout to each read itself, so the association thread must not see the
+        # timer run out meanwhile (a large object on a slow link): frozen until restarted.
+        idle = self.dul._idle_timer
+        idle.start()
+        idle.stop()
+        try:
+            code = cast(Callable[..., int], PDATA_RECEIVE)(
+                cast(Any, self.dul.socket).socket.fileno(),
+                fd,
+                context_id,
+                buffer,
+                _CHUNK,
+                -1 if timeout is None else int(timeout * 1000),
+                int(writeback),
+                ctypes.byref(length),
+                ctypes.byref(rest),
+            )
+        finally:
+            del buffer
+        return code, length.value, rest.value
 
     def _respond(self, fields: dict[str, Any], dataset: BytesIO) -> None:
         """Call the EVT_C_STORE handler with a real pynetdicom ``Event`` and answer."""
