@@ -64,6 +64,7 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from gateway import store_lane
 from gateway.config import GatewaySettings
 from gateway.keys import log_id, safe_uid
 from gateway.spool import IncomingFiles, Spool, SpoolFullError, StoreOutcome
@@ -547,6 +548,13 @@ class StorageSCP:
             self.port,
             " (TLS)" if self.settings.tls else "",
         )
+        if store_lane.PDATA_RECEIVE is None:
+            log.warning(
+                "gateway/_pdata.c is not built (no C compiler at install): C-STORE data sets "
+                "are read in Python, ingest is slower (docs/gateway.md)"
+            )
+        elif self.settings.tls:
+            log.info("TLS: C-STORE data sets are read in Python (the C data phase is for TCP)")
 
     def stop(self) -> None:
         if self._thread.is_alive():

@@ -93,6 +93,17 @@ def test_images_run_as_non_root_with_a_health_check(path: Path) -> None:
     assert health and importlib.util.find_spec(health.group(1)) is not None
 
 
+def test_gateway_image_builds_the_c_data_phase() -> None:
+    """The gateway image compiles gateway/_pdata.c (setup.py) in a stage with a compiler and
+    checks the wheel carries it: without it the SCP would read data sets in Python."""
+    text = (ROOT / "docker" / "gateway.Dockerfile").read_text()
+    build, runtime = text.split("\nFROM ")[1:3]
+    assert " AS build" in build and re.search(r"\bgcc\b", build)
+    assert re.search(r"^COPY [^\n]*\bsetup\.py\b", build, re.M)
+    assert "gateway/_pdata" in build and ".so" in build  # the wheel is checked
+    assert "COPY --from=build /wheels" in runtime and "gcc" not in runtime
+
+
 def test_compose_environment_and_config_are_real_settings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

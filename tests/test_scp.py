@@ -39,14 +39,23 @@ from gateway.controls import IngestControls
 from gateway.forward import sender_only
 from gateway.scp import VERIFICATION as Verification
 from gateway.scp import StorageSCP
-from gateway.spool import Spool
+from gateway.spool import INCOMING, Spool
 from gateway.state import Kind, State, StateStore
 from gateway.statuses import Status
 from inference.dicomgen import make_ct_series
 from inference.geometry import Geometry
-from tests.support.pacs import LOCALHOST, TlsFiles, make_tls_files
+from tests.support.data_phase import DataPhase, data_phase
+from tests.support.pacs import LOCALHOST, TlsFiles, make_tls_files, wait_for
+
+__all__ = ["data_phase"]  # fixture, imported explicitly
 
 AET = "DEFACEGATE"
+
+
+@pytest.fixture(autouse=True)
+def _both_data_phases(data_phase: DataPhase) -> DataPhase:
+    """Every test here runs with the C data phase and with the Python lane."""
+    return data_phase
 
 
 @contextmanager
@@ -71,6 +80,9 @@ def running_scp(
         yield scp, spool, store
     finally:
         scp.stop()
+    # Nothing is left behind in incoming/: committed, removed, or an unused made-ahead file.
+    incoming = spool.root / INCOMING
+    wait_for(lambda: not any(incoming.iterdir()), 5.0, "incoming/ to be empty")
 
 
 def _series(n: int = 4, size: int = 16) -> list[Dataset]:
@@ -112,7 +124,7 @@ def _assoc(port: int, contexts: list[tuple[str, list[str]]], calling: str = "PYS
     return assoc
 
 
-def test_echo_and_store_with_dcmtk(tmp_path: Path) -> None:
+def test_echo_and_store_with_dcmtk(tmp_path: Path, data_phase: DataPhase) -> None:
     datasets = _series()
     paths = _write(datasets, tmp_path / "in")
     with running_scp(tmp_path) as (scp, spool, store):
@@ -133,6 +145,8 @@ def test_echo_and_store_with_dcmtk(tmp_path: Path) -> None:
         again = _run(["storescu", "-aec", AET, LOCALHOST, str(scp.port), *map(str, paths)])
         assert again.returncode == 0
         assert store.get(series_uid).instances == 4 and len(spool.instance_paths(series_uid)) == 4
+    # Which data phase read the eight data sets: C (each call returned 0) or the Python lane.
+    assert data_phase.codes == ([0] * 8 if data_phase.name == "c" else [])
 
 
 def _to_syntax(src: Path, dst: Path, syntax: str) -> None:
@@ -305,7 +319,9 @@ def test_secondary_capture_accepted_as_other_and_unlisted_classes_not_negotiated
             assoc.release()
 
 
-def test_tls_port_accepts_tls_and_refuses_plain_and_certless(tmp_path: Path) -> None:
+def test_tls_port_accepts_tls_and_refuses_plain_and_certless(
+    tmp_path: Path, data_phase: DataPhase
+) -> None:
     tls: TlsFiles = make_tls_files(tmp_path / "tls")
     settings = ScpTLS(
         cert_file=tls.server_cert,
@@ -314,7 +330,7 @@ def test_tls_port_accepts_tls_and_refuses_plain_and_certless(tmp_path: Path) -> 
         require_client_cert=True,
     )
     client = ["+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca_cert)]
-    with running_scp(tmp_path, tls=settings) as (scp, _, _):
+    with running_scp(tmp_path, tls=settings) as (scp, spool, _):
         ok = _echoscu(scp.port, *client)
         assert ok.returncode == 0, ok.stderr
         assert _echoscu(scp.port).returncode != 0  # plain DICOM on the TLS port
@@ -325,6 +341,8 @@ def test_tls_port_accepts_tls_and_refuses_plain_and_certless(tmp_path: Path) -> 
         path = _write(datasets, tmp_path / "in")[0]
         done = _run(["storescu", *client, "-aec", AET, LOCALHOST, str(scp.port), str(path)])
         assert done.returncode == 0, done.stderr
+        assert len(spool.instance_paths(datasets[0].SeriesInstanceUID)) == 1
+    assert data_phase.codes == []  # over TLS the socket's bytes are not PDUs: never C
 
 
 def test_paused_ingest_refuses_associations_transiently(tmp_path: Path) -> None:
@@ -371,7 +389,9 @@ def test_idle_association_blocks_instead_of_polling_and_releases_promptly(
 
 
 @pytest.mark.parametrize("max_pdu", [16384, 0])  # many PDUs per instance / one per instance
-def test_instances_larger_than_socket_reads_arrive_whole(tmp_path: Path, max_pdu: int) -> None:
+def test_instances_larger_than_socket_reads_arrive_whole(
+    tmp_path: Path, max_pdu: int, data_phase: DataPhase
+) -> None:
     datasets = _series(n=6, size=256)  # 128 KiB of pixels each: many recv() per PDU
     paths = _write(datasets, tmp_path / "in")
     with running_scp(tmp_path, max_pdu=max_pdu) as (scp, spool, store):
@@ -384,6 +404,7 @@ def test_instances_larger_than_socket_reads_arrive_whole(tmp_path: Path, max_pdu
         for ds in datasets:
             got = dcmread(spool.input_dir(series_uid) / f"{ds.SOPInstanceUID}.dcm")
             assert got.PixelData == ds.PixelData
+    assert len(data_phase.codes) == (len(datasets) if data_phase.name == "c" else 0)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import pytest
 from pydicom import dcmread
 
 from gateway.keys import log_id, safe_uid
-from gateway.spool import Spool, SpoolFullError, StoreOutcome
+from gateway.spool import INCOMING, IncomingFiles, Spool, SpoolFullError, StoreOutcome
 from inference.dicomgen import make_ct_series
 from inference.geometry import Geometry
+from tests.support.pacs import wait_for
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 
@@ -117,3 +119,77 @@ def test_series_on_disk_lists_spooled_series(tmp_path: Path) -> None:
     assert sorted(spool.series_on_disk()) == sorted([SERIES, "1.2.9"])
     spool.remove_series(SERIES)
     assert list(spool.series_on_disk()) == ["1.2.9"]
+
+
+def _arrived(spool: Spool, data: bytes) -> tuple[Path, int]:
+    """An instance as the C data phase leaves it: written to an incoming/ file, still open."""
+    path, fd = spool.incoming_file()
+    os.write(fd, data)
+    return path, fd
+
+
+def test_commit_moves_an_arrived_instance_into_its_series_with_store_outcomes(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    outcomes = []
+    for data in (b"one", b"one", b"two"):
+        tmp, fd = _arrived(spool, data)
+        try:
+            outcomes.append(spool.commit(tmp, fd, SERIES, "1.2.3.4"))
+        finally:
+            os.close(fd)
+        # Committed: renamed away; a duplicate: left for the caller, who removes it.
+        assert tmp.exists() == (outcomes[-1] is StoreOutcome.DUPLICATE)
+        tmp.unlink(missing_ok=True)
+    assert outcomes == [StoreOutcome.NEW, StoreOutcome.DUPLICATE, StoreOutcome.REPLACED]
+    (path,) = spool.instance_paths(SERIES)
+    assert path.read_bytes() == b"two"
+    # A store of the same bytes through the other path agrees that it is a duplicate.
+    assert spool.store(SERIES, "1.2.3.4", b"two") is StoreOutcome.DUPLICATE
+
+
+def test_commit_below_the_free_space_floor_is_spool_full_and_commits_nothing(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path, free_space_floor_mb=shutil.disk_usage(tmp_path).free // 2**20 + 1024)
+    tmp, fd = _arrived(spool, b"x" * 1000)
+    try:
+        with pytest.raises(SpoolFullError):
+            spool.commit(tmp, fd, SERIES, "1.2.3.4")
+    finally:
+        os.close(fd)
+    assert tmp.exists() and spool.instance_paths(SERIES) == []
+
+
+def test_clear_incoming_removes_what_a_stopped_gateway_left(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for _ in range(3):
+        os.close(spool.incoming_file()[1])
+    spool.store(SERIES, "1.2.3.4", b"kept")
+    assert Spool(tmp_path).clear_incoming() == 3
+    assert not any((tmp_path / INCOMING).iterdir())
+    assert len(spool.instance_paths(SERIES)) == 1
+
+
+def test_incoming_files_are_made_ahead_in_the_background_and_removed_on_close(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    incoming_dir = tmp_path / INCOMING
+    pool = IncomingFiles(spool, depth=4)
+    assert not any(incoming_dir.iterdir())  # nothing is made before the first take
+    taken = [pool.take()]
+    wait_for(lambda: len(list(incoming_dir.iterdir())) == 1 + 4, 5.0, "the pool to fill")
+    taken += [pool.take() for _ in range(6)]  # more than it holds: made on demand, then again
+    paths = [path for path, _ in taken]
+    assert len(set(paths)) == 7 and all(p.parent == incoming_dir for p in paths)
+    for _, fd in taken:  # each is a new, empty file, open for writing
+        assert os.fstat(fd).st_size == 0 and os.write(fd, b"x") == 1
+        os.close(fd)
+    wait_for(lambda: len(list(incoming_dir.iterdir())) >= 7 + 3, 5.0, "the pool to refill")
+    pool.close()
+    assert sorted(incoming_dir.iterdir()) == sorted(paths)  # unused ones removed
+    after, fd = pool.take()  # after close: made on demand, no thread
+    os.close(fd)
+    assert after.exists() and len(list(incoming_dir.iterdir())) == 8
