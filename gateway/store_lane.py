@@ -12,6 +12,11 @@ unknown context, a malformed command set, any release/abort PDU, or a message py
 already started — goes through pynetdicom unchanged: the PDVs collected so far are handed to
 ``DIMSEServiceProvider.receive_primitive`` exactly as pynetdicom's DT-2 action would have.
 
+When the C data phase is available (gateway/_pdata.c built, plain TCP, see
+:meth:`StoreLane._serve_direct`), the data set of such a C-STORE is not split in Python at
+all: C reads its PDUs from the socket and writes the fragments into a spool file in
+``incoming/``, and the handler commits that file (docs/gateway.md, *The C data phase*).
+
 Bound to pynetdicom 3.0's DUL internals (``_read_pdu_data``, ``_decode_pdu``, ``_recv_pdu``,
 ``event_queue``, ``Association._accepted_cx``), as gateway.scp already is; the dependency is
 pinned ``>=3.0.4,<3.1`` and tests/test_scp.py proves the lane carries the stores.
@@ -145,18 +150,43 @@ def response_pdu(context_id: int, command: bytes) -> bytes:
 class ArrivedDataSet(BytesIO):
     """A data set the C data phase wrote straight into a spool file (``path``, still open
     as ``fd``, Part 10 ``header`` first), read through a memory map. The handler commits
-    that file (:meth:`gateway.spool.Spool.commit`) instead of writing the bytes again."""
+    that file (:meth:`gateway.spool.Spool.commit`) instead of writing the bytes again.
+
+    Reads like the ``BytesIO`` pynetdicom puts in ``C_STORE.DataSet`` (``getvalue``,
+    ``getbuffer``, ``read``/``seek``/``tell`` for ``Event.dataset``) without a copy of the
+    data set in memory; the buffer of ``getbuffer`` is valid while the handler runs."""
 
     def __init__(self, mapped: mmap.mmap, path: Path, fd: int, header: bytes) -> None:
         super().__init__()
         self._mapped = mapped
+        self._start = len(header)
+        self._pos = 0
         self.path, self.fd, self.header = path, fd, header
 
     def getbuffer(self) -> memoryview:  # type: ignore[override]
-        return memoryview(self._mapped)[len(self.header) :]
+        return memoryview(self._mapped)[self._start :]
 
     def getvalue(self) -> bytes:
-        return self._mapped[len(self.header) :]
+        return self._mapped[self._start :]
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._start + self._pos
+        end = len(self._mapped) if size is None or size < 0 else start + size
+        data = self._mapped[start:end]
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos}.get(whence)
+        if base is None:  # SEEK_END
+            base = len(self._mapped) - self._start
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class StoreLane:

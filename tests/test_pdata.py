@@ -306,3 +306,33 @@ def test_a_spool_write_that_fails_mid_data_set_is_out_of_resources(tmp_path: Pat
     series = root / "series" / big.SeriesInstanceUID / "in"
     assert sorted(p.name for p in series.iterdir()) == [f"{small.SOPInstanceUID}.dcm"]
     assert not any((root / "incoming").iterdir())
+
+
+def test_an_arrived_data_set_reads_like_pynetdicoms_bytesio(tmp_path: Path) -> None:
+    """Handlers may read ``request.DataSet`` as pynetdicom fills it: whole (getvalue), as a
+    buffer, or as a file (``Event.dataset`` decodes it with read/seek/tell)."""
+    import mmap
+    import os
+
+    from pynetdicom.dsutils import decode
+
+    from gateway.store_lane import ArrivedDataSet
+
+    (ds,) = _series(n=1, size=64)
+    data = _encoded(ds)
+    header = part10_header(CTImageStorage, ds.SOPInstanceUID, SYNTAX)
+    path = tmp_path / "arrived"
+    path.write_bytes(header + data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapped:
+            arrived = ArrivedDataSet(mapped, path, fd, header)
+            assert arrived.getvalue() == data and bytes(arrived.getbuffer()) == data
+            assert arrived.read(10) == data[:10] and arrived.tell() == 10
+            assert arrived.seek(-4, os.SEEK_END) == len(data) - 4 and arrived.read() == data[-4:]
+            decoded = decode(arrived, False, True)
+            assert decoded.SOPInstanceUID == ds.SOPInstanceUID
+            assert decoded.PixelData == ds.PixelData
+            del decoded
+    finally:
+        os.close(fd)
