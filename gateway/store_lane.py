@@ -62,6 +62,11 @@ HANDLER_FAILED = 0xC211
 
 # gateway/_pdata.c's return codes
 _PDATA_TRANSPORT = {-1: "connection closed", -2: "network timeout"}
+_PDATA_INVALID = {
+    -3: "another PDU type in the middle of a C-STORE data set",
+    -5: "P-DATA-TF PDU whose PDV lengths do not add up",
+    -6: "command fragment or another presentation context inside a C-STORE data set",
+}
 _PDATA_WRITE = -7
 #: The C data phase copies fragments through a buffer of this size (any PDU length works).
 _CHUNK = 1 << 20
@@ -201,7 +206,7 @@ class StoreLane:
         self.assoc = assoc
         self.dul: DULServiceProvider = assoc.dul
         self._incoming = incoming
-        self._pdu_buffer: bytearray | None = None
+        self._chunk: bytearray | None = None  # the C data phase's buffer
         self._reset()
 
     def install(self) -> None:
@@ -338,8 +343,8 @@ class StoreLane:
         primitive.presentation_data_value_list = [[cid, bytes(pdv)] for cid, pdv in pdvs]  # type: ignore[misc]
         self.assoc.dimse.receive_primitive(primitive)  # what pynetdicom's DT-2 does
 
-    def _invalid(self) -> None:
-        log.error("malformed P-DATA-TF PDU received")
+    def _invalid(self, what: str = "malformed P-DATA-TF PDU") -> None:
+        log.error("%s received: aborting the association", what)
         self._reset()
         self.dul.event_queue.put("Evt19")  # invalid PDU: pynetdicom aborts
 
@@ -391,7 +396,7 @@ class StoreLane:
                 self.dul.event_queue.put("Evt17")
                 return True
             elif code < 0:
-                self._invalid()
+                self._invalid(_PDATA_INVALID.get(code, f"C data phase code {code}"))
                 return True
             else:
                 with mmap.mmap(fd, len(header) + length, prot=mmap.PROT_READ) as mapped:
@@ -410,9 +415,9 @@ class StoreLane:
     def _receive(self, fd: int, context_id: int, writeback: bool) -> tuple[int, int, int]:
         """The C data phase (``pdata_receive``) into ``fd``: (code, data set length, bytes of
         the last PDU left to read)."""
-        if self._pdu_buffer is None:
-            self._pdu_buffer = bytearray(_CHUNK)
-        buffer = (ctypes.c_char * _CHUNK).from_buffer(self._pdu_buffer)
+        if self._chunk is None:
+            self._chunk = bytearray(_CHUNK)
+        buffer = (ctypes.c_char * _CHUNK).from_buffer(self._chunk)
         length, rest = ctypes.c_longlong(), ctypes.c_uint32()
         timeout = self.assoc.network_timeout
         # pynetdicom restarts the idle timer per PDU; C reads them all and applies the

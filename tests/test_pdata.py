@@ -172,7 +172,7 @@ def _abort_pdu() -> bytes:
     ["peer closes", "pdv longer than its pdu", "command fragment in the data", "a-abort"],
 )
 def test_a_data_set_cut_short_is_never_spooled_and_the_gateway_goes_on(
-    tmp_path: Path, c_data_phase: DataPhase, trouble: str
+    tmp_path: Path, c_data_phase: DataPhase, trouble: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     ds, after = _series(n=2, size=64)
     data = _encoded(ds)
@@ -205,6 +205,13 @@ def test_a_data_set_cut_short_is_never_spooled_and_the_gateway_goes_on(
     expected = {"peer closes": -1, "pdv longer than its pdu": -5}
     expected |= {"command fragment in the data": -6, "a-abort": -3}
     assert c_data_phase.codes == [expected[trouble], 0]
+    said = {
+        "peer closes": "C-STORE data set not received: connection closed",
+        "pdv longer than its pdu": "PDV lengths do not add up received: aborting",
+        "command fragment in the data": "command fragment or another presentation context",
+        "a-abort": "another PDU type in the middle of a C-STORE data set received: aborting",
+    }
+    assert said[trouble] in caplog.text
 
 
 def test_a_stalled_data_set_ends_at_the_network_timeout(
